@@ -1,0 +1,122 @@
+"""Settings: one validated object, read from the environment (``QRM_*``) and an
+optional TOML file.
+
+Precedence, highest first: explicit keyword arguments, environment variables,
+the TOML file named by ``QRM_CONFIG`` (default ``<data_dir>/qrm.toml``),
+built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_data_dir() -> Path:
+    """The user's data directory for qrm (``~/.local/share/qrm`` on Linux)."""
+    return Path(platformdirs.user_data_dir("qrm", appauthor=False))
+
+
+def _config_file() -> Path:
+    explicit = os.environ.get("QRM_CONFIG")
+    if explicit:
+        return Path(explicit)
+    data_dir = os.environ.get("QRM_DATA_DIR")
+    return (Path(data_dir) if data_dir else default_data_dir()) / "qrm.toml"
+
+
+class Settings(BaseSettings):
+    """Everything qrm can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="QRM_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    """Where the embedded database, boot files and driver state live."""
+
+    database_url: str | None = None
+    """SQLAlchemy URL; default is SQLite (WAL) at ``<data_dir>/qrm.db``.
+    PostgreSQL: ``postgresql+psycopg://user@host/db``; MariaDB/MySQL:
+    ``mysql+pymysql://user@host/db``."""
+
+    log_dir: Path | None = None
+    """Log directory; default ``<data_dir>/logs``."""
+
+    log_level: str = "INFO"
+
+    disable_plugins: list[str] = Field(default_factory=list)
+    """Plugins never loaded, whatever their persisted state (``QRM_DISABLE_PLUGINS=a,b``)."""
+
+    enabled_storage: list[str] | None = None
+    """Storage driver names that may be used; None means every installed one."""
+
+    enabled_hypervisors: list[str] | None = None
+    """Hypervisor driver names that may be used; None means every installed one."""
+
+    actor: str | None = None
+    """Who the local CLI acts as in the audit log (default: the OS user)."""
+
+    @field_validator("disable_plugins", "enabled_storage", "enabled_hypervisors", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file()
+        if config_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    # -- derived values -------------------------------------------------
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'qrm.db'}"
+
+    @property
+    def effective_log_dir(self) -> Path:
+        return self.log_dir if self.log_dir is not None else self.data_dir / "logs"
+
+    @property
+    def boot_dir(self) -> Path:
+        """Kernels and initrds of boot images."""
+        return self.data_dir / "boot"
+
+    @property
+    def state_dir(self) -> Path:
+        """Per-driver state (the fake drivers keep theirs here)."""
+        return self.data_dir / "state"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests change the environment between runs)."""
+    get_settings.cache_clear()

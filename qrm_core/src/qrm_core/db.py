@@ -1,0 +1,177 @@
+"""Database engine, sessions and schema migrations.
+
+One URL chooses the backend: the embedded default is SQLite in WAL mode in the
+data directory; PostgreSQL (``postgresql+psycopg://``) and MariaDB/MySQL
+(``mysql+pymysql://``) work through the same code. The schema is only ever
+created or changed by Alembic migrations (``qrm init``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlmodel import Session
+
+from qrm_core.config import Settings
+from qrm_core.errors import DatabaseUnavailable, NotInitialized
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def create_db_engine(url: str) -> Engine:
+    """Build an engine for ``url`` with the settings each backend needs."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUnavailable(f"invalid database URL {url!r}: {exc}") from None
+    kwargs: dict[str, Any] = {"future": True}
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        kwargs["pool_pre_ping"] = True
+        kwargs["pool_size"] = 10
+        kwargs["max_overflow"] = 20
+        if backend == "mysql":
+            # Serializable-free, but row locks must see committed data.
+            kwargs["isolation_level"] = "READ COMMITTED"
+            kwargs["connect_args"] = {"charset": "utf8mb4"}
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise DatabaseUnavailable(f"no driver for database URL {parsed!r}: {exc}") from None
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # SQLite: take the write lock at BEGIN so concurrent writers serialize
+        # instead of failing with "database is locked" on upgrade.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+
+        @event.listens_for(engine, "connect")
+        def _no_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+    return engine
+
+
+def get_engine(settings: Settings) -> Engine:
+    """The process-wide engine for the configured URL (created once per URL)."""
+    url = settings.effective_database_url
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = create_db_engine(url)
+            _engines[url] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests, and before a fork)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextmanager
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """A session that is closed afterwards; services commit themselves."""
+    engine = get_engine(settings)
+    session = Session(engine, expire_on_commit=False)
+    try:
+        yield session
+    except OperationalError as exc:
+        session.rollback()
+        raise DatabaseUnavailable(f"database error: {_short(exc)}") from None
+    finally:
+        session.close()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Migrations
+# ---------------------------------------------------------------------------
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    config = _alembic_config(sa.create_engine("sqlite://"))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {_short(exc)}") from None
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Create or upgrade the schema; returns (revision before, revision after)."""
+    from alembic import command
+
+    before = current_revision(engine)
+    try:
+        command.upgrade(_alembic_config(engine), revision)
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot migrate the database: {_short(exc)}") from None
+    return before, current_revision(engine) or ""
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(_alembic_config(engine), revision)
+
+
+def ensure_current(engine: Engine) -> None:
+    """Refuse to work on a database that ``qrm init`` has not brought up to date."""
+    current = current_revision(engine)
+    if current is None:
+        raise NotInitialized("the database has no qrm schema; run 'qrm init' first")
+    if current != head_revision():
+        raise NotInitialized(
+            f"the database schema is at {current}, this qrm needs {head_revision()}; "
+            "run 'qrm init' to upgrade it"
+        )

@@ -1,0 +1,1 @@
+"""Driver interfaces and the drivers core ships."""

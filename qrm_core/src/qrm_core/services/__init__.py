@@ -1,0 +1,188 @@
+"""The services layer: every domain rule of qrm lives here.
+
+Services are plain functions taking a :class:`ServiceContext` (a database
+session, the settings, the acting user and the plugin system) and keyword
+arguments. They validate, change rows, record an :class:`~qrm_core.models.Event`
+for every change, commit, and only then notify plugins. They return the
+``*Public`` shapes of :mod:`qrm_core.models`; table rows never leave this
+package. The CLI, the REST API and the web console call nothing else.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
+
+from qrm_core.context import HookContext
+from qrm_core.db import _short, ensure_current, get_engine
+from qrm_core.errors import Conflict, DatabaseUnavailable
+from qrm_core.models import Event, EventLevel, EventPublic
+
+if TYPE_CHECKING:
+    from qrm_core.config import Settings
+    from qrm_core.plugins import PluginSystem
+
+audit_log = logging.getLogger("qrm.audit")
+log = logging.getLogger("qrm.services")
+
+
+def default_actor(settings: Settings) -> str:
+    if settings.actor:
+        return settings.actor
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database entry (containers)
+        return "unknown"
+
+
+class ServiceContext:
+    """One unit of work: a session, who is acting, and what to do after commit."""
+
+    def __init__(
+        self,
+        session: Session,
+        settings: Settings,
+        actor: str,
+        plugins: PluginSystem,
+    ) -> None:
+        self.session = session
+        self.settings = settings
+        self.actor = actor
+        self.plugins = plugins
+        self._after_commit: list[Callable[[], None]] = []
+        self._events: list[Event] = []
+
+    @property
+    def hooks(self) -> Any:
+        return self.plugins.hooks
+
+    @property
+    def hook_ctx(self) -> HookContext:
+        return HookContext(settings=self.settings, actor=self.actor)
+
+    # -- audit -----------------------------------------------------------
+
+    def record(
+        self,
+        object_type: str,
+        object_name: str,
+        message: str,
+        level: EventLevel = EventLevel.INFO,
+        actor: str | None = None,
+    ) -> Event:
+        """Add an audit event to the current transaction."""
+        event = Event(
+            actor=(actor or self.actor)[:64],
+            object_type=object_type,
+            object_name=object_name[:128],
+            level=level.value,
+            message=message,
+        )
+        self.session.add(event)
+        self._events.append(event)
+        return event
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the current transaction has committed."""
+        self._after_commit.append(callback)
+
+    def commit(self) -> None:
+        """Commit; then write the audit log lines and notify plugins."""
+        try:
+            self.session.commit()
+        except IntegrityError as exc:
+            self.session.rollback()
+            self._discard()
+            raise Conflict(
+                f"the change conflicts with a concurrent one and was not made: {_short(exc)}"
+            ) from None
+        except OperationalError as exc:
+            self.session.rollback()
+            self._discard()
+            raise DatabaseUnavailable(f"database error: {_short(exc)}") from None
+        events, self._events = self._events, []
+        callbacks, self._after_commit = self._after_commit, []
+        for event in events:
+            write_audit_line(event)
+        hook_ctx = self.hook_ctx
+        for event in events:
+            self.hooks.event_recorded(EventPublic.model_validate(event, from_attributes=True), hook_ctx)
+        for callback in callbacks:
+            callback()
+
+    def rollback(self) -> None:
+        self.session.rollback()
+        self._discard()
+
+    def _discard(self) -> None:
+        self._events.clear()
+        self._after_commit.clear()
+
+
+def write_audit_line(event: Event) -> None:
+    """One line per event in the audit log; newlines in messages are escaped."""
+    message = event.message.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    audit_log.info(
+        "%s actor=%s object=%s:%s level=%s %s",
+        event.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        event.actor,
+        event.object_type,
+        event.object_name or "-",
+        event.level,
+        message,
+    )
+
+
+def _record_plugin_failure(settings: Settings, plugins: PluginSystem) -> Callable[[str, str, BaseException], None]:
+    def record(plugin: str, hook: str, exc: BaseException) -> None:
+        engine = get_engine(settings)
+        with Session(engine, expire_on_commit=False) as session:
+            event = Event(
+                actor="plugin:" + plugin,
+                object_type="plugin",
+                object_name=plugin,
+                level=EventLevel.ERROR.value,
+                message=f"plugin {plugin} failed in {hook}: {exc}",
+            )
+            session.add(event)
+            session.commit()
+            write_audit_line(event)
+
+    return record
+
+
+@contextmanager
+def service_context(
+    settings: Settings,
+    *,
+    actor: str | None = None,
+    plugins: PluginSystem | None = None,
+    check_schema: bool = True,
+) -> Iterator[ServiceContext]:
+    """Open a :class:`ServiceContext` on the configured database."""
+    from qrm_core.plugins import get_plugin_system
+
+    engine = get_engine(settings)
+    if check_schema:
+        ensure_current(engine)
+    system = plugins if plugins is not None else get_plugin_system(settings)
+    if system.hooks.on_failure is None:
+        system.hooks.on_failure = _record_plugin_failure(settings, system)
+    session = Session(engine, expire_on_commit=False)
+    ctx = ServiceContext(session, settings, actor or default_actor(settings), system)
+    try:
+        yield ctx
+    except OperationalError as exc:
+        ctx.rollback()
+        raise DatabaseUnavailable(f"database error: {_short(exc)}") from None
+    except BaseException:
+        ctx.rollback()
+        raise
+    finally:
+        session.close()

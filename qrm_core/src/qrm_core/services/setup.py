@@ -1,0 +1,64 @@
+"""Creating and upgrading a qrm installation (``qrm init``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qrm_core import db
+from qrm_core.services import service_context, users
+
+if TYPE_CHECKING:
+    from qrm_core.config import Settings
+    from qrm_core.plugins import PluginSystem
+
+
+@dataclass(frozen=True)
+class InitResult:
+    database: str
+    revision_before: str | None
+    revision: str
+    admin: str
+    admin_created: bool
+    default_password: bool
+
+
+def safe_url(url: str) -> str:
+    """The database URL without its password, for display."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "<invalid URL>"
+
+
+def init(
+    settings: Settings,
+    *,
+    admin_password: str | None = None,
+    actor: str | None = None,
+    plugins: PluginSystem | None = None,
+) -> InitResult:
+    """Create or upgrade the schema and make sure the admin user exists."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = db.get_engine(settings)
+    before, after = db.upgrade(engine)
+    with service_context(settings, actor=actor, plugins=plugins) as ctx:
+        if before != after:
+            ctx.record(
+                "database",
+                "schema",
+                f"database schema {'created' if before is None else 'upgraded from ' + before} at {after}",
+            )
+            ctx.commit()
+        admin, created = users.ensure_admin(ctx, admin_password)
+        default = users.default_password_unchanged(ctx)
+    return InitResult(
+        database=safe_url(settings.effective_database_url),
+        revision_before=before,
+        revision=after,
+        admin=admin.name,
+        admin_created=created,
+        default_password=default,
+    )

@@ -1,0 +1,157 @@
+"""Virtual environments: a boot image plus a filesystem image plus requirements."""
+
+from __future__ import annotations
+
+from sqlmodel import select
+
+from qrm_core.errors import AlreadyExists, InUse, InvalidInput, NotFound
+from qrm_core.models import (
+    Deployment,
+    Partition,
+    Resource,
+    ResourceKind,
+    StorageServer,
+    VEDesiredState,
+    VEState,
+    VirtualEnvironment,
+    VirtualEnvironmentPublic,
+)
+from qrm_core.services import ServiceContext, public
+from qrm_core.services import validation as v
+from qrm_core.services.boot_images import get_boot_image_row
+from qrm_core.services.storage import get_fs_image_row
+
+DEFAULT_SHARED_POOL = 2
+DEFAULT_PARTITION_CPUS = 1
+DEFAULT_PARTITION_MEMORY_MB = 256
+
+
+def get_ve_row(ctx: ServiceContext, name: str) -> VirtualEnvironment:
+    row = ctx.session.exec(select(VirtualEnvironment).where(VirtualEnvironment.name == name)).first()
+    if row is None:
+        raise NotFound(f"virtual environment {name!r} does not exist")
+    return row
+
+
+def create_ve(
+    ctx: ServiceContext,
+    *,
+    name: str,
+    boot_image: str,
+    fs_image: str,
+    deployment: str = Deployment.SINGLE.value,
+    pool_size: int | None = None,
+    hypervisor: str | None = None,
+    kind: str | None = None,
+    cpus: int | None = None,
+    memory_mb: int | None = None,
+    failover: bool = False,
+    kernel_args: str | None = None,
+    comment: str | None = None,
+) -> VirtualEnvironmentPublic:
+    """Define a virtual environment (it starts stopped)."""
+    name = v.name(name, "virtual environment name")
+    deployment = (deployment or "").strip().lower()
+    if deployment not in Deployment.values():
+        raise InvalidInput(
+            f"unknown deployment {deployment!r}; use one of {', '.join(Deployment.values())}"
+        )
+    if kind is not None:
+        kind = kind.strip().lower()
+        if kind not in ResourceKind.values():
+            raise InvalidInput(f"unknown resource kind {kind!r}; use physical or virtual")
+    if deployment == Deployment.SHARED.value:
+        pool = DEFAULT_SHARED_POOL if pool_size is None else v.positive(pool_size, "pool size", 1, 10000)
+    else:
+        if pool_size not in (None, 1):
+            raise InvalidInput("--pool-size applies to shared deployments only")
+        pool = 1
+    if hypervisor is not None:
+        hypervisor = hypervisor.strip().lower()
+        ctx.plugins.hypervisor_driver(hypervisor)  # DriverNotFound lists the installed ones
+        if kind == ResourceKind.PHYSICAL.value:
+            raise InvalidInput("a hypervisor requirement needs virtual resources, not physical ones")
+        kind = ResourceKind.VIRTUAL.value
+    if deployment == Deployment.PARTITIONED.value:
+        if hypervisor is None:
+            raise InvalidInput("a partitioned virtual environment needs --hypervisor")
+        cpus = DEFAULT_PARTITION_CPUS if cpus is None else cpus
+        memory_mb = DEFAULT_PARTITION_MEMORY_MB if memory_mb is None else memory_mb
+        v.positive(cpus, "CPUs", 1, 1024)
+        v.positive(memory_mb, "memory (MB)", 16, 16 * 1024 * 1024)
+    else:
+        cpus = 0 if cpus is None else v.positive(cpus, "CPUs", 0, 1024)
+        memory_mb = 0 if memory_mb is None else v.positive(memory_mb, "memory (MB)", 0, 16 * 1024 * 1024)
+    args = v.kernel_args(kernel_args)
+    comment = v.comment(comment)
+    boot_row = get_boot_image_row(ctx, boot_image)
+    fs_row = get_fs_image_row(ctx, fs_image)
+    storage_row = ctx.session.get(StorageServer, fs_row.storage_id)
+    assert storage_row is not None
+    # The image must be bootable from here: its storage driver must be present.
+    ctx.plugins.storage_driver(storage_row.type)
+    if ctx.session.exec(select(VirtualEnvironment.id).where(VirtualEnvironment.name == name)).first():
+        raise AlreadyExists(f"virtual environment {name!r} already exists")
+    row = VirtualEnvironment(
+        name=name,
+        boot_image_id=boot_row.id,
+        fs_image_id=fs_row.id,
+        deployment=deployment,
+        req_kind=kind,
+        req_hypervisor=hypervisor,
+        req_cpus=cpus,
+        req_memory_mb=memory_mb,
+        pool_size=pool,
+        failover=failover,
+        kernel_args=" ".join(args),
+        comment=comment,
+    )
+    ctx.session.add(row)
+    ctx.record(
+        "ve",
+        name,
+        f"virtual environment {name} created ({deployment}, boot {boot_row.name}, "
+        f"filesystem {fs_row.name}"
+        + (f", pool {pool}" if deployment == Deployment.SHARED.value else "")
+        + (f", {hypervisor}" if hypervisor else "")
+        + (", failover" if failover else "")
+        + ")",
+    )
+    ctx.commit()
+    result = public.one_ve(ctx.session, row)
+    ctx.hooks.ve_created(result, ctx.hook_ctx)
+    return result
+
+
+def list_ves(ctx: ServiceContext, *, state: str | None = None) -> list[VirtualEnvironmentPublic]:
+    query = select(VirtualEnvironment).order_by(VirtualEnvironment.name)
+    if state is not None:
+        if state not in VEState.values():
+            raise InvalidInput(f"unknown state {state!r}; use one of {', '.join(VEState.values())}")
+        query = query.where(VirtualEnvironment.state == state)
+    return public.virtual_environments(ctx.session, ctx.session.exec(query).all())
+
+
+def show_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
+    return public.one_ve(ctx.session, get_ve_row(ctx, name))
+
+
+def remove_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
+    row = get_ve_row(ctx, name)
+    members = ctx.session.exec(select(Resource).where(Resource.ve_id == row.id)).all()
+    if row.desired_state != VEDesiredState.STOPPED.value or row.state != VEState.STOPPED.value or members:
+        serving = ", ".join(public.resource_label(r) for r in members)
+        raise InUse(
+            f"virtual environment {name!r} is {row.state}"
+            + (f" on {serving}" if serving else "")
+            + f"; stop it first with 'qrm ve stop {name}'"
+        )
+    result = public.one_ve(ctx.session, row)
+    for partition in ctx.session.exec(select(Partition).where(Partition.ve_id == row.id)):
+        partition.ve_id = None
+        ctx.session.add(partition)
+    ctx.session.delete(row)
+    ctx.record("ve", name, f"virtual environment {name} removed")
+    ctx.commit()
+    ctx.hooks.ve_removed(result, ctx.hook_ctx)
+    return result
