@@ -111,7 +111,9 @@ class Client(Protocol):
 class LocalClient:
     """Works directly on the configured database through the services layer."""
 
-    def __init__(self, settings: Settings, actor: str | None = None, plugins: PluginSystem | None = None) -> None:
+    def __init__(
+        self, settings: Settings, actor: str | None = None, plugins: PluginSystem | None = None
+    ) -> None:
         self.settings = settings
         self.actor = actor
         self._plugins = plugins
@@ -134,7 +136,9 @@ class LocalClient:
     def init(self, admin_password: str | None) -> InitPublic:
         from qrm_core.services import setup
 
-        result = setup.init(self.settings, admin_password=admin_password, actor=self.actor, plugins=self.plugins)
+        result = setup.init(
+            self.settings, admin_password=admin_password, actor=self.actor, plugins=self.plugins
+        )
         return InitPublic(**result.__dict__)
 
     # -- storage ---------------------------------------------------------
@@ -262,7 +266,9 @@ class LocalClient:
 
         with self._ctx() as ctx:
             page = resources.list_resources(ctx, state=state, kind=kind, ve=ve, offset=offset, limit=limit)
-            return ResourceListPublic(items=page.items, total=page.total, offset=page.offset, limit=page.limit)
+            return ResourceListPublic(
+                items=page.items, total=page.total, offset=page.offset, limit=page.limit
+            )
 
     def resource_show(self, ref: str) -> ResourceDetail:
         from qrm_core.services import resources

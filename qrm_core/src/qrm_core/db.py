@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlmodel import Session
 
 from qrm_core.config import Settings
@@ -36,6 +36,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+MYSQL_CHECK_VIOLATION = 4025
+
+
+def _mysql_check_is_integrity(context: Any) -> Exception | None:
+    """MariaDB reports a CHECK violation as an OperationalError; it is an integrity error."""
+    orig = context.original_exception
+    args = getattr(orig, "args", ())
+    if args and args[0] == MYSQL_CHECK_VIOLATION:
+        return IntegrityError(context.statement, context.parameters, orig)
+    return None
 
 
 def create_db_engine(url: str) -> Engine:
@@ -63,6 +75,8 @@ def create_db_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as exc:
         raise DatabaseUnavailable(f"no driver for database URL {parsed!r}: {exc}") from None
+    if backend == "mysql":
+        event.listen(engine, "handle_error", _mysql_check_is_integrity)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # SQLite: take the write lock at BEGIN so concurrent writers serialize

@@ -161,9 +161,7 @@ def qrm_resource_updated(resource: ResourcePublic, changed: list[str], ctx: Hook
 
 
 @hookspec
-def qrm_resource_state_changed(
-    resource: ResourcePublic, old_state: str, ctx: HookContext
-) -> None:
+def qrm_resource_state_changed(resource: ResourcePublic, old_state: str, ctx: HookContext) -> None:
     """Notify plugins that a resource moved from ``old_state`` to ``resource.state``.
 
     Broadcast after commit, once per transition.
@@ -415,9 +413,7 @@ def qrm_partition_created(partition: PartitionPublic, ctx: HookContext) -> None:
 
 
 @hookspec
-def qrm_partition_state_changed(
-    partition: PartitionPublic, old_state: str, ctx: HookContext
-) -> None:
+def qrm_partition_state_changed(partition: PartitionPublic, old_state: str, ctx: HookContext) -> None:
     """Notify plugins that a partition moved from ``old_state`` to ``partition.state``.
 
     :param partition: The partition in its new state.

@@ -70,10 +70,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 # ---------------------------------------------------------------------------
 
 
-class StrEnum(str, enum.Enum):
-    def __str__(self) -> str:
-        return self.value
-
+class StrEnum(enum.StrEnum):
     @classmethod
     def values(cls) -> list[str]:
         return [member.value for member in cls]
@@ -224,9 +221,7 @@ class VirtualEnvironment(SQLModel, table=True):
         sa.CheckConstraint(Deployment.sql_in("deployment"), name="deployment"),
         sa.CheckConstraint(VEDesiredState.sql_in("desired_state"), name="desired_state"),
         sa.CheckConstraint(VEState.sql_in("state"), name="state"),
-        sa.CheckConstraint(
-            "req_kind IS NULL OR " + ResourceKind.sql_in("req_kind"), name="req_kind"
-        ),
+        sa.CheckConstraint("req_kind IS NULL OR " + ResourceKind.sql_in("req_kind"), name="req_kind"),
         sa.CheckConstraint("pool_size >= 1", name="pool_size_positive"),
         sa.CheckConstraint("deployment = 'shared' OR pool_size = 1", name="pool_size_single"),
         sa.CheckConstraint(
@@ -239,9 +234,7 @@ class VirtualEnvironment(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=NAME_LEN, unique=True)
     boot_image_id: int = Field(
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("boot_image.id", ondelete="RESTRICT"), nullable=False
-        )
+        sa_column=sa.Column(sa.Integer, sa.ForeignKey("boot_image.id", ondelete="RESTRICT"), nullable=False)
     )
     fs_image_id: int = Field(
         sa_column=sa.Column(
@@ -287,9 +280,7 @@ class Resource(SQLModel, table=True):
     kind: str = Field(default=ResourceKind.PHYSICAL.value, max_length=16)
     host_id: int | None = Field(
         default=None,
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("resource.id", ondelete="RESTRICT"), nullable=True
-        ),
+        sa_column=sa.Column(sa.Integer, sa.ForeignKey("resource.id", ondelete="RESTRICT"), nullable=True),
     )
     hypervisor: str | None = Field(default=None, max_length=32)
     # Hypervisors this machine can host partitions of (reported by its agent).
@@ -326,9 +317,7 @@ class Partition(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=NAME_LEN)
     host_id: int = Field(
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("resource.id", ondelete="RESTRICT"), nullable=False
-        )
+        sa_column=sa.Column(sa.Integer, sa.ForeignKey("resource.id", ondelete="RESTRICT"), nullable=False)
     )
     hypervisor: str = Field(max_length=32)
     cpus: int = 1
@@ -385,9 +374,7 @@ class ApiToken(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(
-        sa_column=sa.Column(
-            sa.Integer, sa.ForeignKey("user_account.id", ondelete="CASCADE"), nullable=False
-        )
+        sa_column=sa.Column(sa.Integer, sa.ForeignKey("user_account.id", ondelete="CASCADE"), nullable=False)
     )
     name: str = Field(max_length=NAME_LEN)
     token_hash: str = Field(max_length=128, unique=True)

@@ -23,7 +23,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 from stevedore import DriverManager
@@ -58,8 +58,6 @@ DRIVER_GROUPS: dict[str, type[BaseDriver]] = {
 }
 KIND_BY_GROUP = {PLUGIN_GROUP: "plugin", STORAGE_GROUP: "storage", HYPERVISOR_GROUP: "hypervisor"}
 CORE_DISTRIBUTION = "qrm-core"
-
-D = TypeVar("D", bound=BaseDriver)
 
 
 @dataclass
@@ -123,8 +121,7 @@ def installed_entry_points(group: str) -> list[EntryPointRecord]:
         previous = seen.get(ep.name)
         if previous is not None and previous.value != ep.value:
             record.error = (
-                f"name clash: {previous.value} ({previous.distribution}) and "
-                f"{ep.value} ({dist_name})"
+                f"name clash: {previous.value} ({previous.distribution}) and {ep.value} ({dist_name})"
             )
         seen[ep.name] = record
     return sorted(seen.values(), key=lambda r: r.name)
@@ -148,11 +145,7 @@ class Hooks:
     def _impls(self, hook_name: str) -> list[Any]:
         caller = getattr(self._pm.hook, hook_name)
         # pluggy calls the last registered (and tryfirst) implementations first.
-        return [
-            impl
-            for impl in reversed(caller.get_hookimpls())
-            if not (impl.hookwrapper or impl.wrapper)
-        ]
+        return [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
 
     @staticmethod
     def _call(impl: Any, kwargs: dict[str, Any]) -> Any:
@@ -163,14 +156,12 @@ class Hooks:
         for impl in self._impls(hook_name):
             try:
                 self._call(impl, kwargs)
-            except Exception as exc:  # noqa: BLE001 - isolation is the point
-                log.error(
-                    "plugin %s failed in %s: %s", impl.plugin_name, hook_name, exc, exc_info=True
-                )
+            except Exception as exc:
+                log.error("plugin %s failed in %s: %s", impl.plugin_name, hook_name, exc, exc_info=True)
                 if self.on_failure is not None and hook_name != "qrm_event_recorded":
                     try:
                         self.on_failure(impl.plugin_name, hook_name, exc)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         log.exception("could not record the failure of plugin %s", impl.plugin_name)
 
     def collect(self, hook_name: str, **kwargs: Any) -> list[Any]:
@@ -300,9 +291,7 @@ class Hooks:
         boot_image: BootImagePublic,
         ctx: HookContext,
     ) -> list[str]:
-        args = self.collect(
-            "qrm_boot_kernel_args", resource=resource, ve=ve, boot_image=boot_image, ctx=ctx
-        )
+        args = self.collect("qrm_boot_kernel_args", resource=resource, ve=ve, boot_image=boot_image, ctx=ctx)
         return [str(a) for a in args]
 
     # -- partitions ------------------------------------------------------
@@ -325,7 +314,9 @@ class Hooks:
 class PluginSystem:
     """The loaded plugins of one process, and the drivers they can provide."""
 
-    def __init__(self, settings: Settings, disabled: Iterable[str] = (), *, discover: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, disabled: Iterable[str] = (), *, discover_plugins: bool = True
+    ) -> None:
         self.settings = settings
         self.disabled = {name for name in disabled} | set(settings.disable_plugins)
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -334,7 +325,7 @@ class PluginSystem:
         self.records: dict[tuple[str, str], EntryPointRecord] = {}
         self._drivers: dict[tuple[str, str], BaseDriver] = {}
         self._lock = threading.Lock()
-        self._discover = discover
+        self._discover_plugins = discover_plugins
         self._loaded = False
 
     # -- discovery -------------------------------------------------------
@@ -345,10 +336,9 @@ class PluginSystem:
             if self._loaded:
                 return self
             self._loaded = True
-            if not self._discover:
-                self.pm.hook.qrm_configure.call_historic(kwargs={"settings": self.settings})
-                return self
-            plugin_records = installed_entry_points(PLUGIN_GROUP)
+            # Tests build a system without entry-point plugins and register
+            # plugin objects themselves; drivers are always discovered.
+            plugin_records = installed_entry_points(PLUGIN_GROUP) if self._discover_plugins else []
             disabled_dists = {
                 r.distribution
                 for r in plugin_records
@@ -394,9 +384,7 @@ class PluginSystem:
             record.error = f"invalid hook implementation: {exc}"
             log.warning("plugin %s rejected: %s", name, record.error)
             return False
-        unknown = [
-            caller.name for caller in (self.pm.get_hookcallers(plugin) or []) if not caller.has_spec()
-        ]
+        unknown = [caller.name for caller in (self.pm.get_hookcallers(plugin) or []) if not caller.has_spec()]
         if unknown:
             self.pm.unregister(plugin)
             record.error = f"unknown hook(s): {', '.join(sorted(unknown))}"
@@ -459,8 +447,7 @@ class PluginSystem:
         return sorted(
             name
             for (g, name), record in self.records.items()
-            if g == group and record.enabled and record.error is None
-            and (allowed is None or name in allowed)
+            if g == group and record.enabled and record.error is None and (allowed is None or name in allowed)
         )
 
     def _allowed(self, group: str) -> list[str] | None:
@@ -474,13 +461,13 @@ class PluginSystem:
 
     def storage_driver(self, name: str) -> StorageDriver:
         """The storage driver called ``name`` (case-insensitive)."""
-        return self._typed_driver(STORAGE_GROUP, name, StorageDriver)
+        return cast(StorageDriver, self._typed_driver(STORAGE_GROUP, name))
 
     def hypervisor_driver(self, name: str) -> HypervisorDriver:
         """The hypervisor driver called ``name`` (case-insensitive)."""
-        return self._typed_driver(HYPERVISOR_GROUP, name, HypervisorDriver)
+        return cast(HypervisorDriver, self._typed_driver(HYPERVISOR_GROUP, name))
 
-    def _typed_driver(self, group: str, name: str, base: type[D]) -> D:
+    def _typed_driver(self, group: str, name: str) -> BaseDriver:
         self.load()
         key = name.lower()
         available = self.driver_names(group)
@@ -495,10 +482,7 @@ class PluginSystem:
             if record is not None and record.error:
                 raise DriverLoadError(group, key, record.error)
             raise DriverNotFound(group, key, available)
-        driver = self._driver(group, key)
-        if not isinstance(driver, base):
-            raise DriverLoadError(group, key, f"{type(driver).__name__} is not a {base.__name__}")
-        return driver
+        return self._driver(group, key)
 
     def _driver(self, group: str, name: str) -> BaseDriver:
         cache_key = (group, name)
@@ -524,16 +508,16 @@ class PluginSystem:
             if record is not None:
                 record.error = reason
             raise DriverLoadError(group, name, reason) from None
-        driver = manager.driver
+        loaded = manager.driver
         expected = DRIVER_GROUPS[group]
-        if not isinstance(driver, expected):
-            reason = f"{type(driver).__name__} is not a {expected.__name__}"
+        if not isinstance(loaded, expected):
+            reason = f"{type(loaded).__name__} is not a {expected.__name__}"
             record = self.records.get(cache_key)
             if record is not None:
                 record.error = reason
             raise DriverLoadError(group, name, reason)
-        self._drivers[cache_key] = driver
-        return driver
+        self._drivers[cache_key] = loaded
+        return loaded
 
 
 def _entry_point(group: str, name: str) -> metadata.EntryPoint:

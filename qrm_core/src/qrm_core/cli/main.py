@@ -29,6 +29,12 @@ OutputOpt = Annotated[
 ]
 
 
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qrm {__version__}")
+        raise typer.Exit(0)
+
+
 def _client(ctx: typer.Context) -> Client:
     state: CliState = ctx.ensure_object(CliState)
     return state.client()
@@ -140,12 +146,12 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def root(
         ctx: typer.Context,
         version: Annotated[
-            bool, typer.Option("--version", help="print the version and exit", is_eager=True)
+            bool,
+            typer.Option(
+                "--version", help="print the version and exit", is_eager=True, callback=show_version
+            ),
         ] = False,
     ) -> None:
-        if version:
-            typer.echo(f"qrm {__version__}")
-            raise typer.Exit(0)
         ctx.obj = CliState(settings)
 
     # -- init ------------------------------------------------------------
@@ -311,7 +317,9 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     @fs_app.command("list")
     def fs_list(
         ctx: typer.Context,
-        storage: Annotated[str | None, typer.Option("-s", "--storage", help="only this storage server")] = None,
+        storage: Annotated[
+            str | None, typer.Option("-s", "--storage", help="only this storage server")
+        ] = None,
         output: OutputOpt = Output.table,
     ) -> None:
         """List filesystem images."""
@@ -337,7 +345,9 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
 
     # -- virtual environments -------------------------------------------
 
-    ve_app = typer.Typer(help="Virtual environments: boot image + filesystem image + requirements.", no_args_is_help=True)
+    ve_app = typer.Typer(
+        help="Virtual environments: boot image + filesystem image + requirements.", no_args_is_help=True
+    )
     app.add_typer(ve_app, name="ve")
 
     @ve_app.command("create")
@@ -358,14 +368,18 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         kind: Annotated[
             str | None, typer.Option("--kind", help="only physical or only virtual resources")
         ] = None,
-        cpus: Annotated[int | None, typer.Option("--cpus", help="minimum CPUs (partition size if partitioned)")] = None,
+        cpus: Annotated[
+            int | None, typer.Option("--cpus", help="minimum CPUs (partition size if partitioned)")
+        ] = None,
         memory: Annotated[
             int | None, typer.Option("--memory", help="minimum memory in MB (partition size if partitioned)")
         ] = None,
         failover: Annotated[
             bool, typer.Option("--failover", help="replace a failed resource with another idle one")
         ] = False,
-        kernel_args: Annotated[str | None, typer.Option("--kernel-args", help="extra kernel arguments")] = None,
+        kernel_args: Annotated[
+            str | None, typer.Option("--kernel-args", help="extra kernel arguments")
+        ] = None,
         comment: Annotated[str | None, typer.Option("-c", "--comment")] = None,
         output: OutputOpt = Output.table,
     ) -> None:
@@ -423,7 +437,9 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         hostname: Annotated[str | None, typer.Option("--hostname", help="host name")] = None,
         kind: Annotated[str, typer.Option("--kind", help="physical or virtual")] = "physical",
         host: Annotated[str | None, typer.Option("--host", help="host resource of a virtual one")] = None,
-        hypervisor: Annotated[str | None, typer.Option("--hypervisor", help="hypervisor of a virtual one")] = None,
+        hypervisor: Annotated[
+            str | None, typer.Option("--hypervisor", help="hypervisor of a virtual one")
+        ] = None,
         cpus: Annotated[int, typer.Option("--cpus")] = 0,
         memory: Annotated[int, typer.Option("--memory", help="memory in MB")] = 0,
         comment: Annotated[str | None, typer.Option("-c", "--comment")] = None,
@@ -431,8 +447,15 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Enter a machine by hand before it first network-boots."""
         result = _client(ctx).resource_add(
-            mac=mac, ip=ip, hostname=hostname, kind=kind, host=host, hypervisor=hypervisor,
-            cpus=cpus, memory_mb=memory, comment=comment,
+            mac=mac,
+            ip=ip,
+            hostname=hostname,
+            kind=kind,
+            host=host,
+            hypervisor=hypervisor,
+            cpus=cpus,
+            memory_mb=memory,
+            comment=comment,
         )
         message(f"added resource {result.id} ({result.mac})", output)
         if output is Output.json:
@@ -455,20 +478,32 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
             message(f"({len(page.items)} of {page.total} shown)")
 
     @resource_app.command("show")
-    def resource_show(ctx: typer.Context, mac_or_id: Annotated[str, typer.Argument(metavar="MAC_OR_ID")], output: OutputOpt = Output.table) -> None:
+    def resource_show(
+        ctx: typer.Context,
+        mac_or_id: Annotated[str, typer.Argument(metavar="MAC_OR_ID")],
+        output: OutputOpt = Output.table,
+    ) -> None:
         """Show one resource (by id, MAC or hostname) with its health."""
         result = _client(ctx).resource_show(mac_or_id)
         show_one(result, output)
         if output is Output.table and result.health:
             show_list(
                 result.health,
-                [("SOURCE", lambda h: h.source), ("STATUS", lambda h: h.status), ("MESSAGE", lambda h: h.message)],
+                [
+                    ("SOURCE", lambda h: h.source),
+                    ("STATUS", lambda h: h.status),
+                    ("MESSAGE", lambda h: h.message),
+                ],
                 output,
                 "Health",
             )
 
     @resource_app.command("remove")
-    def resource_remove(ctx: typer.Context, mac_or_id: Annotated[str, typer.Argument(metavar="MAC_OR_ID")], output: OutputOpt = Output.table) -> None:
+    def resource_remove(
+        ctx: typer.Context,
+        mac_or_id: Annotated[str, typer.Argument(metavar="MAC_OR_ID")],
+        output: OutputOpt = Output.table,
+    ) -> None:
         """Remove a resource that serves no virtual environment."""
         result = _client(ctx).resource_remove(mac_or_id)
         message(f"removed resource {result.id} ({result.mac})", output)
@@ -495,7 +530,9 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def user_add(
         ctx: typer.Context,
         name: Annotated[str, typer.Option("-n", "--name")],
-        password: Annotated[str, typer.Option("-p", "--password", prompt=True, hide_input=True, confirmation_prompt=True)],
+        password: Annotated[
+            str, typer.Option("-p", "--password", prompt=True, hide_input=True, confirmation_prompt=True)
+        ],
         role: Annotated[str, typer.Option("-r", "--role", help="admin, operator or viewer")] = "viewer",
         output: OutputOpt = Output.table,
     ) -> None:
@@ -514,7 +551,9 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def user_passwd(
         ctx: typer.Context,
         name: str,
-        password: Annotated[str, typer.Option("-p", "--password", prompt=True, hide_input=True, confirmation_prompt=True)],
+        password: Annotated[
+            str, typer.Option("-p", "--password", prompt=True, hide_input=True, confirmation_prompt=True)
+        ],
         output: OutputOpt = Output.table,
     ) -> None:
         """Set a user's password."""
@@ -563,7 +602,7 @@ def _add_plugin_commands(app: typer.Typer, settings: Settings) -> None:
 
     try:
         system = get_plugin_system(settings)
-    except Exception:  # noqa: BLE001 - a broken plugin must not break core commands
+    except Exception:
         log.exception("could not load plugins")
         return
     for name, exc in system.hooks.register_commands(app):
@@ -615,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # noqa: BLE001 - the last line of defence
+    except Exception as exc:
         log.exception("internal error")
         _error(f"internal error ({type(exc).__name__}: {exc}); details in {log_file(settings)}")
         return 70

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-class Output(str, enum.Enum):
+class Output(enum.StrEnum):
     table = "table"
     json = "json"
 
@@ -67,7 +67,9 @@ def fmt(value: Any) -> str:
     return text if text else "-"
 
 
-def show_list(items: Sequence[Any], columns: Sequence[Column], output: Output, title: str | None = None) -> None:
+def show_list(
+    items: Sequence[Any], columns: Sequence[Column], output: Output, title: str | None = None
+) -> None:
     if output is Output.json:
         print_json(list(items))
         return

@@ -74,9 +74,11 @@ class FakeStorage(StorageDriver):
             raise InvalidInput(f"storage address {storage.address!r} is not an IP address") from None
 
     def validate_location(self, storage: StorageTarget, location: str) -> None:
-        if not location.startswith("/") or any(
-            not _SAFE.match(part) for part in location.strip("/").split("/")
-        ) or ".." in location.split("/"):
+        if (
+            not location.startswith("/")
+            or any(not _SAFE.match(part) for part in location.strip("/").split("/"))
+            or ".." in location.split("/")
+        ):
             raise InvalidInput(
                 f"location {location!r} must be an absolute path of letters, digits, '.', '_', '-'"
             )
@@ -233,9 +235,7 @@ class FakeHypervisor(HypervisorDriver):
             if p["state"] == "paused":
                 raise DriverError(f"partition {name!r} is paused; unpause it instead")
             if self._used_memory(state) + p["memory_mb"] > host.memory_mb:
-                raise DriverError(
-                    f"not enough memory on host {host.hostname or host.mac} to start {name!r}"
-                )
+                raise DriverError(f"not enough memory on host {host.hostname or host.mac} to start {name!r}")
             p["state"] = "running"
 
     def stop_partition(self, host: HostTarget, name: str, force: bool = False) -> None:

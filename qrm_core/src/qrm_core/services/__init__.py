@@ -139,7 +139,9 @@ def write_audit_line(event: Event) -> None:
     )
 
 
-def _record_plugin_failure(settings: Settings, plugins: PluginSystem) -> Callable[[str, str, BaseException], None]:
+def _record_plugin_failure(
+    settings: Settings, plugins: PluginSystem
+) -> Callable[[str, str, BaseException], None]:
     def record(plugin: str, hook: str, exc: BaseException) -> None:
         engine = get_engine(settings)
         with Session(engine, expire_on_commit=False) as session:

@@ -30,9 +30,7 @@ def persisted_disabled(settings: Settings) -> set[str]:
     try:
         engine = get_engine(settings)
         with Session(engine) as session:
-            return {
-                row.name for row in session.exec(select(PluginSetting)) if not row.enabled
-            }
+            return {row.name for row in session.exec(select(PluginSetting)) if not row.enabled}
     except (OperationalError, ProgrammingError) as exc:
         log.debug("plugin state not readable (%s); treating every plugin as enabled", exc)
         return set()

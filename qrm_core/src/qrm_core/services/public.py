@@ -48,10 +48,11 @@ def storage_servers(session: Session, rows: Sequence[StorageServer]) -> list[Sto
 
 def filesystem_images(session: Session, rows: Sequence[FilesystemImage]) -> list[FilesystemImagePublic]:
     storage_ids = {r.storage_id for r in rows}
-    storages = {
-        s.id: s
-        for s in session.exec(select(StorageServer).where(col(StorageServer.id).in_(storage_ids)))
-    } if storage_ids else {}
+    storages = (
+        {s.id: s for s in session.exec(select(StorageServer).where(col(StorageServer.id).in_(storage_ids)))}
+        if storage_ids
+        else {}
+    )
     used: dict[int, list[str]] = defaultdict(list)
     ids = [r.id for r in rows]
     if ids:
@@ -119,7 +120,7 @@ def virtual_environments(
     ids = [r.id for r in rows]
     if ids:
         for res in session.exec(
-            select(Resource).where(col(Resource.ve_id).in_(ids)).order_by(Resource.id)
+            select(Resource).where(col(Resource.ve_id).in_(ids)).order_by(col(Resource.id))
         ):
             members[res.ve_id or 0].append(resource_label(res))
     return [
@@ -140,7 +141,10 @@ def resources(session: Session, rows: Sequence[Resource]) -> list[ResourcePublic
     host_ids = {r.host_id for r in rows if r.host_id is not None}
     ve_ids = {r.ve_id for r in rows if r.ve_id is not None}
     hosts = (
-        {h.id: resource_label(h) for h in session.exec(select(Resource).where(col(Resource.id).in_(host_ids)))}
+        {
+            h.id: resource_label(h)
+            for h in session.exec(select(Resource).where(col(Resource.id).in_(host_ids)))
+        }
         if host_ids
         else {}
     )
@@ -173,7 +177,10 @@ def partitions(session: Session, rows: Sequence[Partition]) -> list[PartitionPub
     host_ids = {r.host_id for r in rows}
     ve_ids = {r.ve_id for r in rows if r.ve_id is not None}
     hosts = (
-        {h.id: resource_label(h) for h in session.exec(select(Resource).where(col(Resource.id).in_(host_ids)))}
+        {
+            h.id: resource_label(h)
+            for h in session.exec(select(Resource).where(col(Resource.id).in_(host_ids)))
+        }
         if host_ids
         else {}
     )

@@ -44,9 +44,7 @@ def can_transition(old: str, new: str) -> bool:
     return ResourceState(new) in TRANSITIONS[ResourceState(old)]
 
 
-def transition(
-    ctx: ServiceContext, row: Resource, new_state: ResourceState | str, reason: str = ""
-) -> str:
+def transition(ctx: ServiceContext, row: Resource, new_state: ResourceState | str, reason: str = "") -> str:
     """Move ``row`` to ``new_state`` in the current transaction; returns the old state.
 
     Raises :class:`IllegalTransition` for a move the life cycle does not allow.
@@ -57,9 +55,7 @@ def transition(
     if old == new.value:
         return old
     if new not in TRANSITIONS[ResourceState(old)]:
-        raise IllegalTransition(
-            f"resource {public.resource_label(row)} cannot go from {old} to {new.value}"
-        )
+        raise IllegalTransition(f"resource {public.resource_label(row)} cannot go from {old} to {new.value}")
     row.state = new.value
     row.state_changed_at = utcnow()
     ctx.session.add(row)
@@ -172,9 +168,7 @@ def list_resources(
     count = select(func.count()).select_from(Resource)
     if state is not None:
         if state not in ResourceState.values():
-            raise InvalidInput(
-                f"unknown state {state!r}; use one of {', '.join(ResourceState.values())}"
-            )
+            raise InvalidInput(f"unknown state {state!r}; use one of {', '.join(ResourceState.values())}")
         query = query.where(Resource.state == state)
         count = count.where(Resource.state == state)
     if kind is not None:
@@ -215,7 +209,7 @@ def remove_resource(ctx: ServiceContext, ref: str | int) -> ResourcePublic:
     if row.ve_id is not None:
         ve = ctx.session.get(VirtualEnvironment, row.ve_id)
         raise InUse(
-            f"resource {label} serves virtual environment {ve.name if ve else row.ve_id!r}; "
+            f"resource {label} serves virtual environment {ve.name if ve else row.ve_id}; "
             "stop the virtual environment first"
         )
     guests = ctx.session.exec(

@@ -74,7 +74,9 @@ def show_storage(ctx: ServiceContext, name: str) -> StorageServerPublic:
 def remove_storage(ctx: ServiceContext, name: str) -> StorageServerPublic:
     row = get_storage_row(ctx, name)
     images = ctx.session.exec(
-        select(FilesystemImage.name).where(FilesystemImage.storage_id == row.id).order_by(FilesystemImage.name)
+        select(FilesystemImage.name)
+        .where(FilesystemImage.storage_id == row.id)
+        .order_by(FilesystemImage.name)
     ).all()
     if images:
         raise InUse(
@@ -114,6 +116,7 @@ def add_filesystem_image(
     name = v.name(name, "filesystem image name")
     comment = v.comment(comment)
     storage_row = get_storage_row(ctx, storage)
+    assert storage_row.id is not None
     driver = driver_for(ctx, storage_row)
     if (location is None) == (size_mb is None):
         raise InvalidInput("give either a location (an existing volume) or a size (a new, empty volume)")
@@ -187,9 +190,7 @@ def remove_filesystem_image(ctx: ServiceContext, name: str, *, purge: bool = Fal
         .order_by(col(VirtualEnvironment.name))
     ).all()
     if users:
-        raise InUse(
-            f"filesystem image {name!r} is used by virtual environment(s) {', '.join(users)}"
-        )
+        raise InUse(f"filesystem image {name!r} is used by virtual environment(s) {', '.join(users)}")
     result = public.filesystem_images(ctx.session, [row])[0]
     storage_row = ctx.session.get(StorageServer, row.storage_id)
     assert storage_row is not None

@@ -47,7 +47,9 @@ def get_user_row(ctx: ServiceContext, name: str) -> User:
     return row
 
 
-def create_user(ctx: ServiceContext, *, name: str, password: str, role: str = Role.VIEWER.value) -> UserPublic:
+def create_user(
+    ctx: ServiceContext, *, name: str, password: str, role: str = Role.VIEWER.value
+) -> UserPublic:
     name = v.name(name, "user name")
     _check_password(password)
     role = role.strip().lower()

@@ -18,7 +18,6 @@ KERNEL_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
 KERNEL_ARG_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.,:/=+@%-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MAC_HEX = re.compile(r"[^0-9a-fA-F]")
 
 
 def name(value: str, what: str = "name") -> str:
@@ -52,28 +51,28 @@ def ip(value: str, what: str = "IP address") -> str:
         raise InvalidInput(f"invalid {what} {value!r}") from None
 
 
+_MAC_GROUPS = re.compile(r"^[0-9a-fA-F]{1,2}([:-])[0-9a-fA-F]{1,2}(\1[0-9a-fA-F]{1,2}){4}$")
+_MAC_CISCO = re.compile(r"^[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}$")
+_MAC_BARE = re.compile(r"^[0-9a-fA-F]{12}$")
+
+
 def mac(value: str) -> str:
     """A unicast Ethernet MAC in any usual notation, returned as ``aa:bb:cc:dd:ee:ff``."""
-    if not isinstance(value, str):
+    text = value.strip() if isinstance(value, str) else ""
+    if _MAC_GROUPS.match(text):
+        digits = "".join(part.zfill(2) for part in re.split(r"[:-]", text))
+    elif _MAC_CISCO.match(text):
+        digits = text.replace(".", "")
+    elif _MAC_BARE.match(text):
+        digits = text
+    else:
         raise InvalidInput(f"invalid MAC address {value!r}")
-    text = value.strip()
-    separators = set(re.sub(r"[0-9a-fA-F]", "", text))
-    if not separators <= {":", "-", "."} or len(separators) > 1:
-        raise InvalidInput(f"invalid MAC address {value!r}")
-    digits = _MAC_HEX.sub("", text).lower()
-    if len(digits) != 12:
-        raise InvalidInput(f"invalid MAC address {value!r}: it needs 12 hex digits")
-    if separators == {":"} or separators == {"-"}:
-        parts = re.split(r"[:-]", text)
-        if len(parts) != 6 or any(len(p) not in (1, 2) for p in parts):
-            raise InvalidInput(f"invalid MAC address {value!r}")
-        digits = "".join(p.zfill(2) for p in parts).lower()
-    normalized = ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+    digits = digits.lower()
     if int(digits[:2], 16) & 1:
         raise InvalidInput(f"invalid MAC address {value!r}: it is a multicast address")
     if digits == "000000000000":
         raise InvalidInput(f"invalid MAC address {value!r}: it is all zeros")
-    return normalized
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
 def looks_like_mac(value: str) -> bool:
@@ -88,9 +87,7 @@ def hostname(value: str | None) -> str | None:
     if value is None or value == "":
         return None
     if not HOSTNAME_RE.match(value):
-        raise InvalidInput(
-            f"invalid hostname {value!r}: use letters, digits and '-', at most 63 characters"
-        )
+        raise InvalidInput(f"invalid hostname {value!r}: use letters, digits and '-', at most 63 characters")
     return value
 
 

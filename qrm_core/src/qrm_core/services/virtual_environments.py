@@ -53,9 +53,7 @@ def create_ve(
     name = v.name(name, "virtual environment name")
     deployment = (deployment or "").strip().lower()
     if deployment not in Deployment.values():
-        raise InvalidInput(
-            f"unknown deployment {deployment!r}; use one of {', '.join(Deployment.values())}"
-        )
+        raise InvalidInput(f"unknown deployment {deployment!r}; use one of {', '.join(Deployment.values())}")
     if kind is not None:
         kind = kind.strip().lower()
         if kind not in ResourceKind.values():
@@ -87,7 +85,7 @@ def create_ve(
     boot_row = get_boot_image_row(ctx, boot_image)
     fs_row = get_fs_image_row(ctx, fs_image)
     storage_row = ctx.session.get(StorageServer, fs_row.storage_id)
-    assert storage_row is not None
+    assert storage_row is not None and boot_row.id is not None and fs_row.id is not None
     # The image must be bootable from here: its storage driver must be present.
     ctx.plugins.storage_driver(storage_row.type)
     if ctx.session.exec(select(VirtualEnvironment.id).where(VirtualEnvironment.name == name)).first():

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-24 07:47:28.995583
+Create Date: 2026-11-24
 """
 
 from __future__ import annotations
@@ -197,19 +197,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table('partition')
-    with op.batch_alter_table('resource', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_resource_ve_id'))
-
-    op.drop_table('resource')
-    op.drop_table('virtual_environment')
-    op.drop_table('filesystem_image')
-    op.drop_table('api_token')
-    op.drop_table('user_account')
-    op.drop_table('storage_server')
-    op.drop_table('plugin_setting')
-    with op.batch_alter_table('event', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_event_time'))
-
-    op.drop_table('event')
-    op.drop_table('boot_image')
+    # Dropping a table drops its indexes (MySQL refuses to drop an index a
+    # foreign key needs, so they are not dropped one by one).
+    for table in (
+        "partition", "resource", "virtual_environment", "filesystem_image", "api_token",
+        "user_account", "storage_server", "plugin_setting", "event", "boot_image",
+    ):
+        op.drop_table(table)

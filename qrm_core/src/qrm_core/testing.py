@@ -1,0 +1,248 @@
+"""Opt-in pytest helpers for qrm and its plugins (``pytest_plugins = ["qrm_core.testing"]``).
+
+Fixtures:
+
+* ``qrm_db_url`` - a migrated, empty database; parametrised over the backends
+  in ``QRM_TEST_DATABASES`` (default ``sqlite,postgresql,mariadb``). Each
+  backend gets a private schema or database for the test run, created once
+  and emptied after every test. Under ``CI=true`` an unreachable backend fails
+  the run; elsewhere it skips with a message saying what to start.
+* ``qrm_settings`` - :class:`~qrm_core.config.Settings` with a temporary data
+  directory and that database.
+* ``qrm_plugins`` - a :class:`~qrm_core.plugins.PluginSystem` that discovers
+  drivers but loads no entry-point plugins; tests register plugin objects.
+* ``qrm_ctx`` - a :class:`~qrm_core.services.ServiceContext` on all of that.
+* ``qrm_cli`` - runs ``qrm`` in-process as a user would, returning exit
+  status, stdout and stderr.
+
+Databases: PostgreSQL at ``QRM_TEST_POSTGRES_URL`` (default
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and MariaDB at
+``QRM_TEST_MYSQL_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/test``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlmodel import SQLModel
+
+from qrm_core import db
+from qrm_core.config import Settings, reset_settings_cache
+from qrm_core.plugins import PluginSystem, set_plugin_system
+
+DEFAULT_URLS = {
+    "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    "mariadb": "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+ENV_URLS = {"postgresql": "QRM_TEST_POSTGRES_URL", "mariadb": "QRM_TEST_MYSQL_URL"}
+ALL_BACKENDS = ("sqlite", "postgresql", "mariadb")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(what: str, hint: str) -> None:
+    """Skip on a laptop, fail under CI: a real component is not available."""
+    text = f"{what} is not available: {hint}"
+    if in_ci():
+        pytest.fail(text + " (CI=true: missing components fail the run)", pytrace=False)
+    pytest.skip(text)
+
+
+def selected_backends() -> list[str]:
+    wanted = os.environ.get("QRM_TEST_DATABASES", ",".join(ALL_BACKENDS))
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"QRM_TEST_DATABASES: unknown backend(s) {unknown}")
+    return names
+
+
+def server_url(backend: str) -> str:
+    return os.environ.get(ENV_URLS[backend], DEFAULT_URLS[backend])
+
+
+@dataclass
+class TestDatabase:
+    backend: str
+    url: str
+    engine: sa.Engine
+    cleanup: Any
+
+
+def create_test_database(backend: str, tmp_dir: Path) -> TestDatabase:
+    """A private, migrated database for one test run."""
+    tag = f"qrm_t_{os.getpid()}_{secrets.token_hex(3)}"
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_dir / (tag + '.db')}"
+
+        def cleanup() -> None:
+            pass
+
+    elif backend == "postgresql":
+        base = make_url(server_url(backend))
+        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'CREATE SCHEMA "{tag}"')
+        except sa.exc.OperationalError as exc:
+            admin.dispose()
+            missing("PostgreSQL", f"cannot connect to {base.render_as_string()} ({db._short(exc)})")
+        url = base.update_query_dict({"options": f"-csearch_path={tag}"}).render_as_string(
+            hide_password=False
+        )
+
+        def cleanup() -> None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{tag}" CASCADE')
+            admin.dispose()
+
+    else:
+        base = make_url(server_url(backend))
+        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"CREATE DATABASE `{tag}` CHARACTER SET utf8mb4")
+        except sa.exc.OperationalError as exc:
+            admin.dispose()
+            missing("MariaDB", f"cannot connect to {base.render_as_string()} ({db._short(exc)})")
+        url = base.set(database=tag).render_as_string(hide_password=False)
+
+        def cleanup() -> None:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{tag}`")
+            admin.dispose()
+
+    engine = db.create_db_engine(url)
+    db.upgrade(engine)
+    return TestDatabase(backend=backend, url=url, engine=engine, cleanup=cleanup)
+
+
+def empty_database(engine: sa.Engine) -> None:
+    """Delete every row (keeping the schema and its revision)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "mysql":
+            conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS=0")
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA defer_foreign_keys=ON")
+        if conn.dialect.name == "postgresql":
+            names = ", ".join(f'"{t.name}"' for t in SQLModel.metadata.sorted_tables)
+            conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+        else:
+            for table in reversed(SQLModel.metadata.sorted_tables):
+                conn.execute(table.delete())
+        if conn.dialect.name == "mysql":
+            conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS=1")
+
+
+@pytest.fixture(scope="session")
+def _qrm_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TestDatabase]]:
+    created: dict[str, TestDatabase] = {}
+    yield created
+    for database in created.values():
+        database.engine.dispose()
+        database.cleanup()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "qrm_backend" in metafunc.fixturenames:
+        metafunc.parametrize("qrm_backend", selected_backends(), scope="session")
+
+
+@pytest.fixture
+def qrm_db_url(
+    qrm_backend: str, _qrm_databases: dict[str, TestDatabase], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    database = _qrm_databases.get(qrm_backend)
+    if database is None:
+        database = create_test_database(qrm_backend, tmp_path_factory.mktemp("db"))
+        _qrm_databases[qrm_backend] = database
+    yield database.url
+    db.dispose_engines()
+    empty_database(database.engine)
+
+
+@pytest.fixture
+def qrm_settings(qrm_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    data_dir = tmp_path / "data"
+    for key in list(os.environ):
+        if key.startswith("QRM_") and not key.startswith("QRM_TEST_"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("QRM_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("QRM_DATABASE_URL", qrm_db_url)
+    monkeypatch.setenv("QRM_ACTOR", "tester")
+    reset_settings_cache()
+    set_plugin_system(None)
+    settings = Settings()
+    yield settings
+    set_plugin_system(None)
+    reset_settings_cache()
+    db.dispose_engines()
+
+
+@pytest.fixture
+def qrm_plugins(qrm_settings: Settings) -> Iterator[PluginSystem]:
+    system = PluginSystem(qrm_settings, discover_plugins=False).load()
+    set_plugin_system(system)
+    yield system
+    set_plugin_system(None)
+
+
+@pytest.fixture
+def qrm_ctx(qrm_settings: Settings, qrm_plugins: PluginSystem) -> Iterator[Any]:
+    from qrm_core.services import service_context
+
+    with service_context(qrm_settings, actor="tester", plugins=qrm_plugins) as ctx:
+        yield ctx
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.stdout)
+
+
+class CliRunner:
+    """Runs ``qrm`` in this process with the test's settings."""
+
+    def __call__(self, *args: str, input: str | None = None) -> CliResult:
+        from qrm_core.cli import main as cli_main
+        from qrm_core.cli import output
+
+        out, err = io.StringIO(), io.StringIO()
+        output._console = None
+        old_stdin = sys.stdin
+        if input is not None:
+            sys.stdin = io.StringIO(input)
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                code = cli_main.main(list(args))
+        finally:
+            sys.stdin = old_stdin
+            output._console = None
+        return CliResult(exit_code=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture
+def qrm_cli(qrm_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """``qrm`` as the user runs it: entry-point plugins are discovered too."""
+    monkeypatch.setenv("COLUMNS", "200")
+    return CliRunner()

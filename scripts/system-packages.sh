@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Debian 12 packages qrm and its test suite use. Run as root (the README's
+# commands call it when they run as root). Safe to run again.
+#   scripts/system-packages.sh run    # what running qrm needs
+#   scripts/system-packages.sh test   # what the whole test suite needs
+set -euo pipefail
+what=${1:-test}
+run_pkgs=(python3 python3-venv python3-dev gcc)
+test_pkgs=(
+  "${run_pkgs[@]}"
+  iproute2 procps curl
+)
+case "$what" in
+  run) pkgs=("${run_pkgs[@]}") ;;
+  test) pkgs=("${test_pkgs[@]}") ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "qrm needs these Debian packages: ${missing[*]}" >&2
+  echo "install them as root: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
