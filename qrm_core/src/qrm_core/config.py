@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     actor: str | None = None
     """Who the local CLI acts as in the audit log (default: the OS user)."""
 
+    server_url: str | None = None
+    """How booting machines reach ``qrm server`` (``http://10.0.0.1:8080``);
+    default: built from the address and port the server listens on."""
+
+    heartbeat_interval: float = 10.0
+    """Seconds between node-agent heartbeats (told to agents at registration)."""
+
+    heartbeat_timeout: float = 35.0
+    """A resource whose heartbeats stop for this long goes to ``error``."""
+
     @field_validator("disable_plugins", "enabled_storage", "enabled_hypervisors", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
