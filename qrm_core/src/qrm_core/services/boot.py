@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel
 from sqlmodel import select
 
-from qrm_core.errors import PluginError
+from qrm_core.errors import InvalidInput, PluginError
 from qrm_core.models import (
     BootImage,
     FilesystemImage,
@@ -126,7 +126,7 @@ def boot_config(
         )
         try:
             args += v.kernel_args(plugin_args, "kernel arguments from plugins")
-        except Exception as exc:  # InvalidInput from a plugin is the plugin's fault
+        except InvalidInput as exc:  # bad arguments from a plugin are the plugin's fault
             raise PluginError(str(exc)) from None
     return BootConfig(
         mac=mac,
