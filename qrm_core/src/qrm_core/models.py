@@ -271,6 +271,12 @@ class Resource(SQLModel, table=True):
             "ve_id IS NOT NULL OR state NOT IN ('assigned', 'booting', 'active')",
             name="assigned_has_ve",
         ),
+        sa.CheckConstraint(
+            "pending_command IS NULL OR pending_command IN ('halt')", name="pending_command"
+        ),
+        sa.CheckConstraint(
+            "heartbeat_timeout IS NULL OR heartbeat_timeout > 0", name="heartbeat_timeout"
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -287,7 +293,7 @@ class Resource(SQLModel, table=True):
     capabilities: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     cpus: int = 0
     memory_mb: int = 0
-    state: str = Field(default=ResourceState.NEW.value, max_length=16)
+    state: str = Field(default=ResourceState.NEW.value, max_length=16, index=True)
     ve_id: int | None = Field(
         default=None,
         sa_column=sa.Column(
@@ -297,9 +303,15 @@ class Resource(SQLModel, table=True):
             index=True,
         ),
     )
+    # Raised whenever qrm orders a reboot; every boot carries it (qrm.gen=N),
+    # so heartbeats from the OS booted before (a lower number) are recognised.
     boot_generation: int = 0
+    # A command waiting for the next heartbeat besides reboot (``halt``).
+    pending_command: str | None = Field(default=None, max_length=16)
+    # Seconds without heartbeats before the resource is in error (None: the site default).
+    heartbeat_timeout: float | None = None
     load: float | None = None
-    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
     state_changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     token_hash: str | None = Field(default=None, max_length=128)
     comment: str = Field(default="", max_length=255)
@@ -343,6 +355,16 @@ class Partition(SQLModel, table=True):
         ),
     )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class SiteSetting(SQLModel, table=True):
+    """Site-wide values shared by every qrm server on one database (enrollment token, ...)."""
+
+    __tablename__ = "site_setting"
+
+    key: str = Field(max_length=64, primary_key=True)
+    value: str = Field(sa_type=sa.Text)
+    changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
 class Event(SQLModel, table=True):
@@ -472,6 +494,7 @@ class ResourcePublic(SQLModel):
     state: str
     ve: str | None
     boot_generation: int
+    heartbeat_timeout: float | None = None
     load: float | None
     last_seen: datetime | None
     state_changed_at: datetime
