@@ -1,0 +1,58 @@
+"""The example plugin's own settings, read from ``QRM_EXAMPLE_*`` variables.
+
+A plugin never adds fields to core's :class:`~qrm_core.config.Settings`; it
+keeps its own pydantic-settings class with its own prefix, and derives paths
+from core's ``data_dir`` so that one ``QRM_DATA_DIR`` moves everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from qrm_core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from qrm_core.config import Settings
+
+ENV_PREFIX = "QRM_EXAMPLE_"
+
+
+class ExampleSettings(BaseSettings):
+    """Everything the example plugin can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    kernel_arg: bool = False
+    """Add ``qrm.inventory=1`` to the kernel command line of every boot
+    (``QRM_EXAMPLE_KERNEL_ARG=1``), so software in the booted system knows an
+    inventory is kept."""
+
+    inventory_file: Path | None = None
+    """Where the inventory is written; default ``<data_dir>/inventory/resources.json``."""
+
+    storage_root: Path | None = None
+    """Where the ``example-dir`` storage driver keeps volumes; default
+    ``<data_dir>/example-dir``. One sub-directory per storage server."""
+
+
+def load(core: Settings) -> ExampleSettings:
+    """Read the plugin's settings now (not at import), with a one-line error.
+
+    Read on every use rather than cached, so a changed environment (tests, a
+    long-running server restarted with new settings) is honoured.
+    """
+    try:
+        own = ExampleSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidInput(f"invalid setting {ENV_PREFIX}{field.upper()}: {first.get('msg')}") from None
+    if own.inventory_file is None:
+        own.inventory_file = core.data_dir / "inventory" / "resources.json"
+    if own.storage_root is None:
+        own.storage_root = core.data_dir / "example-dir"
+    return own
