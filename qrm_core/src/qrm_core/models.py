@@ -271,12 +271,8 @@ class Resource(SQLModel, table=True):
             "ve_id IS NOT NULL OR state NOT IN ('assigned', 'booting', 'active')",
             name="assigned_has_ve",
         ),
-        sa.CheckConstraint(
-            "pending_command IS NULL OR pending_command IN ('halt')", name="pending_command"
-        ),
-        sa.CheckConstraint(
-            "heartbeat_timeout IS NULL OR heartbeat_timeout > 0", name="heartbeat_timeout"
-        ),
+        sa.CheckConstraint("pending_command IS NULL OR pending_command IN ('halt')", name="pending_command"),
+        sa.CheckConstraint("heartbeat_timeout IS NULL OR heartbeat_timeout > 0", name="heartbeat_timeout"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -147,6 +147,10 @@ class Hooks:
         # pluggy calls the last registered (and tryfirst) implementations first.
         return [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
 
+    def wants(self, hook_name: str) -> bool:
+        """Whether any plugin implements the hook (skip building its arguments if not)."""
+        return bool(self._impls(hook_name))
+
     @staticmethod
     def _call(impl: Any, kwargs: dict[str, Any]) -> Any:
         return impl.function(*[kwargs[name] for name in impl.argnames])

@@ -115,6 +115,9 @@ class ServiceContext:
             self.hooks.event_recorded(EventPublic.model_validate(event, from_attributes=True), hook_ctx)
         for callback in callbacks:
             callback()
+        if self.session.in_transaction():
+            # Reads made after the commit (results, hook payloads) end here.
+            self.session.commit()
 
     def rollback(self) -> None:
         self.session.rollback()

@@ -1,9 +1,17 @@
-"""Turning rows into the public shapes, in bulk (no query per row)."""
+"""Turning rows into the public shapes, in bulk (no query per row).
+
+Services build their results after committing. A read outside a transaction
+would open one and, on SQLite (where every transaction takes the write lock
+up front), keep other writers waiting until the session closes; so each
+function here ends a transaction it had to open itself.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlmodel import Session, col, select
 
@@ -22,12 +30,28 @@ from qrm_core.models import (
     VirtualEnvironmentPublic,
 )
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _own_transaction(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(session: Session, *args: Any, **kwargs: Any) -> Any:
+        outside = not session.in_transaction()
+        try:
+            return fn(session, *args, **kwargs)
+        finally:
+            if outside and session.in_transaction():
+                session.commit()
+
+    return wrapper  # type: ignore[return-value]
+
 
 def resource_label(resource: Resource) -> str:
     """How people name a resource: its hostname, else its MAC."""
     return resource.hostname or resource.mac
 
 
+@_own_transaction
 def storage_servers(session: Session, rows: Sequence[StorageServer]) -> list[StorageServerPublic]:
     ids = [r.id for r in rows]
     images: dict[int, list[str]] = defaultdict(list)
@@ -46,6 +70,7 @@ def storage_servers(session: Session, rows: Sequence[StorageServer]) -> list[Sto
     ]
 
 
+@_own_transaction
 def filesystem_images(session: Session, rows: Sequence[FilesystemImage]) -> list[FilesystemImagePublic]:
     storage_ids = {r.storage_id for r in rows}
     storages = (
@@ -79,6 +104,7 @@ def filesystem_images(session: Session, rows: Sequence[FilesystemImage]) -> list
     return result
 
 
+@_own_transaction
 def boot_images(session: Session, rows: Sequence[BootImage]) -> list[BootImagePublic]:
     used: dict[int, list[str]] = defaultdict(list)
     ids = [r.id for r in rows]
@@ -97,6 +123,7 @@ def boot_images(session: Session, rows: Sequence[BootImage]) -> list[BootImagePu
     ]
 
 
+@_own_transaction
 def virtual_environments(
     session: Session, rows: Sequence[VirtualEnvironment]
 ) -> list[VirtualEnvironmentPublic]:
@@ -137,6 +164,7 @@ def virtual_environments(
     ]
 
 
+@_own_transaction
 def resources(session: Session, rows: Sequence[Resource]) -> list[ResourcePublic]:
     host_ids = {r.host_id for r in rows if r.host_id is not None}
     ve_ids = {r.ve_id for r in rows if r.ve_id is not None}
@@ -173,6 +201,7 @@ def resources(session: Session, rows: Sequence[Resource]) -> list[ResourcePublic
     ]
 
 
+@_own_transaction
 def partitions(session: Session, rows: Sequence[Partition]) -> list[PartitionPublic]:
     host_ids = {r.host_id for r in rows}
     ve_ids = {r.ve_id for r in rows if r.ve_id is not None}
@@ -205,9 +234,11 @@ def partitions(session: Session, rows: Sequence[Partition]) -> list[PartitionPub
     ]
 
 
+@_own_transaction
 def one_resource(session: Session, row: Resource) -> ResourcePublic:
     return resources(session, [row])[0]
 
 
+@_own_transaction
 def one_ve(session: Session, row: VirtualEnvironment) -> VirtualEnvironmentPublic:
     return virtual_environments(session, [row])[0]

@@ -35,7 +35,9 @@ TRANSITIONS: dict[ResourceState, frozenset[ResourceState]] = {
     S.ASSIGNED: frozenset({S.BOOTING, S.IDLE, S.ERROR, S.OFF}),
     S.BOOTING: frozenset({S.ACTIVE, S.IDLE, S.ERROR, S.OFF}),
     S.ACTIVE: frozenset({S.IDLE, S.BOOTING, S.ERROR, S.OFF}),
-    S.ERROR: frozenset({S.IDLE, S.OFF}),
+    # A resource in error that still serves its VE (failover off) resumes when
+    # its heartbeats do; a released one comes back idle.
+    S.ERROR: frozenset({S.IDLE, S.OFF, S.BOOTING, S.ACTIVE}),
     S.OFF: frozenset({S.IDLE, S.ERROR}),
 }
 

@@ -57,4 +57,3 @@ def check_enrollment_token(ctx: ServiceContext, presented: str | None) -> bool:
     if not presented:
         return False
     return hmac.compare_digest(get_enrollment_token(ctx).encode(), presented.encode())
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from qrm_core.errors import AlreadyExists, InUse, InvalidInput, NotFound
 from qrm_core.models import (
@@ -153,3 +153,102 @@ def remove_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
     ctx.commit()
     ctx.hooks.ve_removed(result, ctx.hook_ctx)
     return result
+
+
+# ---------------------------------------------------------------------------
+# Start, stop, resize: requests the engine carries out
+# ---------------------------------------------------------------------------
+
+
+def _locked_ve(ctx: ServiceContext, name: str) -> VirtualEnvironment:
+    row = ctx.session.exec(
+        select(VirtualEnvironment).where(VirtualEnvironment.name == name).with_for_update()
+    ).first()
+    if row is None:
+        raise NotFound(f"virtual environment {name!r} does not exist")
+    return row
+
+
+def start_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
+    """Ask for the VE to run. Idempotent; the engine places it on idle resources."""
+    from qrm_core.models import utcnow
+
+    row = _locked_ve(ctx, name)
+    if row.desired_state == VEDesiredState.RUNNING.value:
+        ctx.rollback()
+        return public.one_ve(ctx.session, row)
+    row.desired_state = VEDesiredState.RUNNING.value
+    row.generation += 1
+    row.updated_at = utcnow()
+    if row.state in (VEState.STOPPED.value, VEState.STOPPING.value):
+        row.state = VEState.STARTING.value
+    row.problem = ""
+    ctx.session.add(row)
+    ctx.record("ve", name, f"virtual environment {name} start requested")
+    ctx.commit()
+    result = public.one_ve(ctx.session, row)
+    ctx.hooks.ve_starting(result, ctx.hook_ctx)
+    return result
+
+
+def stop_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
+    """Ask for the VE to stop: its resources reboot into the idle image and are released."""
+    from qrm_core.models import utcnow
+    from qrm_core.services.agent import release
+
+    row = _locked_ve(ctx, name)
+    if row.desired_state == VEDesiredState.STOPPED.value:
+        ctx.rollback()
+        return public.one_ve(ctx.session, row)
+    row.desired_state = VEDesiredState.STOPPED.value
+    row.generation += 1
+    row.updated_at = utcnow()
+    row.problem = ""
+    members = ctx.session.exec(
+        select(Resource).where(Resource.ve_id == row.id).order_by(col(Resource.id)).with_for_update()
+    ).all()
+    for member in members:
+        if member.state in ("assigned", "booting", "active"):
+            # Reboot into the idle image; released when it registers idle.
+            member.boot_generation += 1
+            ctx.session.add(member)
+            ctx.record("resource", public.resource_label(member), f"reboot ordered: {name} is stopping")
+        else:
+            release(ctx, member, f"{name} stopped", reboot=True)
+    remaining = [m for m in members if m.ve_id is not None]
+    row.state = VEState.STOPPING.value if remaining else VEState.STOPPED.value
+    ctx.session.add(row)
+    ctx.record("ve", name, f"virtual environment {name} stop requested")
+    ctx.commit()
+    result = public.one_ve(ctx.session, row)
+    ctx.hooks.ve_stopping(result, ctx.hook_ctx)
+    if row.state == VEState.STOPPED.value:
+        ctx.hooks.ve_stopped(result, ctx.hook_ctx)
+    return result
+
+
+def resize_ve(ctx: ServiceContext, name: str, pool_size: int) -> VirtualEnvironmentPublic:
+    """Change a shared VE's pool size; shrinking releases the newest, least advanced members."""
+    from qrm_core.models import utcnow
+    from qrm_core.services.agent import release
+
+    v.positive(pool_size, "pool size", 1, 10000)
+    row = _locked_ve(ctx, name)
+    if row.deployment != Deployment.SHARED.value:
+        raise InvalidInput("only a shared virtual environment has a pool size")
+    if row.pool_size == pool_size:
+        ctx.rollback()
+        return public.one_ve(ctx.session, row)
+    old = row.pool_size
+    row.pool_size = pool_size
+    row.updated_at = utcnow()
+    ctx.session.add(row)
+    members = ctx.session.exec(select(Resource).where(Resource.ve_id == row.id).with_for_update()).all()
+    excess = len(members) - pool_size
+    if excess > 0:
+        rank = {"error": 0, "assigned": 1, "booting": 2, "active": 3}
+        for member in sorted(members, key=lambda m: (rank.get(m.state, 0), -(m.id or 0)))[:excess]:
+            release(ctx, member, f"pool of {name} shrunk to {pool_size}", reboot=True)
+    ctx.record("ve", name, f"pool of virtual environment {name} resized from {old} to {pool_size}")
+    ctx.commit()
+    return public.one_ve(ctx.session, row)

@@ -1,0 +1,290 @@
+"""The node-agent protocol's rules: registration and heartbeats (docs/agent-protocol.md).
+
+A machine proves who it is with the site's enrollment token once (register),
+then with its per-resource token (heartbeat). The boot generation decides
+whether what an agent says is about the current boot: a reboot ordered by qrm
+raises the resource's generation, and an agent reporting a lower one is the
+OS that was running before; it is told to reboot again and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlmodel import select
+
+from qrm_core.errors import AuthError, InvalidInput, NotFound
+from qrm_core.models import (
+    Partition,
+    Resource,
+    ResourceKind,
+    ResourceState,
+    VEDesiredState,
+    VirtualEnvironment,
+    utcnow,
+)
+from qrm_core.services import ServiceContext, public
+from qrm_core.services import validation as v
+from qrm_core.services.resources import transition
+
+S = ResourceState
+LIVE_STATES = (S.IDLE.value, S.ASSIGNED.value, S.BOOTING.value, S.ACTIVE.value)
+
+
+def hash_token(token: str) -> str:
+    """Per-resource tokens are 256-bit random strings: SHA-256 is enough (and fast)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Registration:
+    resource_id: int
+    token: str
+    heartbeat_interval: float
+    state: str
+    boot_generation: int
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    command: Literal["none", "reboot", "halt"]
+    heartbeat_interval: float
+    boot_generation: int
+
+
+def _order_reboot(ctx: ServiceContext, row: Resource, why: str) -> None:
+    """Raise the boot generation: the next heartbeat of the running OS gets ``reboot``."""
+    row.boot_generation += 1
+    ctx.session.add(row)
+    ctx.record("resource", public.resource_label(row), f"reboot ordered: {why}")
+
+
+def release(ctx: ServiceContext, row: Resource, reason: str, *, reboot: bool) -> None:
+    """Detach a resource from its VE in the current transaction (hooks after commit)."""
+    ve = ctx.session.get(VirtualEnvironment, row.ve_id) if row.ve_id is not None else None
+    if ve is None:
+        return
+    ve_public = public.one_ve(ctx.session, ve)
+    if row.state in (S.ASSIGNED.value, S.BOOTING.value, S.ACTIVE.value):
+        transition(ctx, row, S.IDLE, reason)
+    row.ve_id = None
+    if reboot:
+        _order_reboot(ctx, row, reason)
+    ctx.session.add(row)
+    ctx.record("ve", ve.name, f"resource {public.resource_label(row)} released: {reason}")
+
+    def notify() -> None:
+        ctx.hooks.ve_resource_released(ve_public, public.one_resource(ctx.session, row), ctx.hook_ctx)
+
+    ctx.after_commit(notify)
+
+
+def register(
+    ctx: ServiceContext,
+    *,
+    mac: str,
+    ip: str | None,
+    cpus: int,
+    memory_mb: int,
+    hostname: str | None = None,
+    hypervisors: list[str] | None = None,
+    boot_generation: int = 0,
+    mode: Literal["idle", "ve"] = "idle",
+    ve: str | None = None,
+    now: datetime | None = None,
+) -> Registration:
+    """Register (or re-register) the machine with this MAC; idempotent per MAC."""
+    mac = v.mac(mac)
+    ip = v.ip(ip) if ip else None
+    hostname = v.hostname(hostname)
+    v.positive(cpus, "cpus", 0, 4096)
+    v.positive(memory_mb, "memory_mb", 0, 64 * 1024 * 1024)
+    capabilities = sorted({v.name(h, "hypervisor").lower() for h in hypervisors or []})
+    if mode not in ("idle", "ve"):
+        raise InvalidInput("mode must be idle or ve")
+    if boot_generation < 0:
+        raise InvalidInput("boot_generation must not be negative")
+    now = now or utcnow()
+    token = secrets.token_urlsafe(32)
+    row = ctx.session.exec(select(Resource).where(Resource.mac == mac)).first()
+    created = row is None
+    changed: list[str] = []
+    if row is None:
+        partition = ctx.session.exec(select(Partition).where(Partition.mac == mac)).first()
+        row = Resource(mac=mac, kind=ResourceKind.PHYSICAL.value)
+        if partition is not None:
+            row.kind = ResourceKind.VIRTUAL.value
+            row.host_id = partition.host_id
+            row.hypervisor = partition.hypervisor
+        if hostname and ctx.session.exec(select(Resource.id).where(Resource.hostname == hostname)).first():
+            hostname = None  # a clash with another machine's name: keep the MAC as its label
+        row.hostname = hostname
+    for field, value in (
+        ("ip", ip),
+        ("cpus", cpus),
+        ("memory_mb", memory_mb),
+        ("capabilities", capabilities),
+    ):
+        if getattr(row, field) != value:
+            setattr(row, field, value)
+            changed.append(field)
+    row.token_hash = hash_token(token)
+    row.last_seen = now
+    ctx.session.add(row)
+    if created:
+        ctx.session.flush()
+        ctx.record("resource", public.resource_label(row), f"resource {row.mac} registered ({row.kind})")
+        partition = ctx.session.exec(select(Partition).where(Partition.mac == mac)).first()
+        if partition is not None and partition.resource_id is None:
+            partition.resource_id = row.id
+            ctx.session.add(partition)
+
+    if boot_generation >= row.boot_generation:
+        # A higher generation than recorded: booted from an earlier record of
+        # this MAC (removed and registered again); continue from there.
+        row.boot_generation = boot_generation
+        _apply_boot(ctx, row, mode, ve)
+    # else: the OS of an earlier boot; its next heartbeat is told to reboot.
+    ctx.commit()
+    result = public.one_resource(ctx.session, row)
+    if created:
+        ctx.hooks.resource_added(result, ctx.hook_ctx)
+    elif changed:
+        ctx.hooks.resource_updated(result, changed, ctx.hook_ctx)
+    assert row.id is not None
+    return Registration(
+        resource_id=row.id,
+        token=token,
+        heartbeat_interval=ctx.settings.heartbeat_interval,
+        state=row.state,
+        boot_generation=row.boot_generation,
+    )
+
+
+def _apply_boot(ctx: ServiceContext, row: Resource, mode: str, ve_name: str | None) -> None:
+    """What a boot of the current generation means for the resource's state."""
+    ve = ctx.session.get(VirtualEnvironment, row.ve_id) if row.ve_id is not None else None
+    if mode == "idle":
+        if ve is not None:
+            if ve.desired_state == VEDesiredState.RUNNING.value and row.state == S.ASSIGNED.value:
+                # Assigned, but booted the idle image (the boot began before the
+                # assignment): order the reboot into the VE again.
+                _order_reboot(ctx, row, f"must boot into virtual environment {ve.name}")
+                return
+            release(ctx, row, "booted the idle image", reboot=False)
+        if row.state != S.IDLE.value:
+            transition(ctx, row, S.IDLE, "registered")
+        return
+    # mode == "ve"
+    if ve is None or ve.desired_state != VEDesiredState.RUNNING.value or (ve_name and ve_name != ve.name):
+        if ve is not None:
+            release(ctx, row, "booted a virtual environment it no longer serves", reboot=True)
+        else:
+            if row.state != S.IDLE.value:
+                transition(ctx, row, S.IDLE, "booted a virtual environment it does not serve")
+            _order_reboot(ctx, row, "booted a virtual environment it does not serve")
+        return
+    if row.state in (S.ASSIGNED.value, S.ERROR.value):
+        transition(ctx, row, S.BOOTING, f"booting virtual environment {ve.name}")
+
+
+def authenticate_resource(ctx: ServiceContext, resource_id: int, token: str | None) -> Resource:
+    row = ctx.session.get(Resource, resource_id)
+    if row is None or row.token_hash is None or not token:
+        raise AuthError("unknown resource or wrong token")
+    if not hmac.compare_digest(row.token_hash, hash_token(token)):
+        raise AuthError("unknown resource or wrong token")
+    return row
+
+
+def heartbeat(
+    ctx: ServiceContext,
+    *,
+    resource_id: int,
+    token: str | None,
+    state: Literal["idle", "active"],
+    load: float | None = None,
+    boot_generation: int = 0,
+    now: datetime | None = None,
+) -> HeartbeatAnswer:
+    """Record a heartbeat and answer with the command for the machine."""
+    if state not in ("idle", "active"):
+        raise InvalidInput("state must be idle or active")
+    if load is not None and (load < 0 or load > 1e6):
+        raise InvalidInput("load is out of range")
+    row = authenticate_resource(ctx, resource_id, token)
+    row.last_seen = now or utcnow()
+    row.load = load
+    ctx.session.add(row)
+    command: Literal["none", "reboot", "halt"] = "none"
+    if boot_generation < row.boot_generation:
+        command = "reboot"
+    elif row.pending_command == "halt":
+        command = "halt"
+        row.pending_command = None
+        if row.state != S.OFF.value:
+            transition(ctx, row, S.OFF, "halted on request")
+    else:
+        command = _apply_heartbeat(ctx, row, state)
+    ctx.commit()
+    return HeartbeatAnswer(
+        command=command,
+        heartbeat_interval=ctx.settings.heartbeat_interval,
+        boot_generation=row.boot_generation,
+    )
+
+
+def _apply_heartbeat(ctx: ServiceContext, row: Resource, state: str) -> Literal["none", "reboot"]:
+    ve = ctx.session.get(VirtualEnvironment, row.ve_id) if row.ve_id is not None else None
+    if state == "active":
+        if ve is None or ve.desired_state != VEDesiredState.RUNNING.value:
+            if ve is not None:
+                release(ctx, row, "its virtual environment is stopping", reboot=True)
+            else:
+                if row.state != S.IDLE.value and row.state != S.ERROR.value:
+                    transition(ctx, row, S.IDLE, "runs a virtual environment it does not serve")
+                _order_reboot(ctx, row, "runs a virtual environment it does not serve")
+            return "reboot"
+        if row.state == S.ASSIGNED.value:
+            transition(ctx, row, S.BOOTING, f"booting virtual environment {ve.name}")
+        if row.state in (S.BOOTING.value, S.ERROR.value):
+            transition(ctx, row, S.ACTIVE, f"serving virtual environment {ve.name}")
+        return "none"
+    # state == "idle"
+    if ve is not None and row.state in (S.BOOTING.value, S.ACTIVE.value):
+        # Claims idle while qrm believes it serves a VE: reboot it into the VE.
+        _order_reboot(ctx, row, f"must boot into virtual environment {ve.name}")
+        return "reboot"
+    if ve is None and row.state == S.ERROR.value:
+        transition(ctx, row, S.IDLE, "heartbeats resumed")
+    return "none"
+
+
+def order_halt(ctx: ServiceContext, ref: str | int) -> None:
+    """Power a resource off at its next heartbeat (only when it serves no VE)."""
+    from qrm_core.errors import InUse
+    from qrm_core.services.resources import find_resource_row
+
+    row = find_resource_row(ctx, ref)
+    if row.ve_id is not None:
+        raise InUse(f"resource {public.resource_label(row)} serves a virtual environment; stop it first")
+    row.pending_command = "halt"
+    ctx.session.add(row)
+    ctx.record("resource", public.resource_label(row), "halt ordered")
+    ctx.commit()
+
+
+def order_reboot(ctx: ServiceContext, ref: str | int) -> None:
+    """Reboot a resource at its next heartbeat (into whatever it should boot now)."""
+    from qrm_core.services.resources import find_resource_row
+
+    row = find_resource_row(ctx, ref)
+    if row.last_seen is None:
+        raise NotFound(f"resource {public.resource_label(row)} has never been seen; nothing to reboot")
+    _order_reboot(ctx, row, "on request")
+    ctx.commit()

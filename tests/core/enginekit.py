@@ -1,0 +1,107 @@
+"""Test helpers: a fake clock and nodes that follow the agent protocol through the services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from qrm_core.engine.reconciler import Reconciler
+from qrm_core.services import agent, boot, service_context
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Node:
+    """A machine running the qrm agent, driven step by step (no threads)."""
+
+    mac: str
+    cpus: int = 2
+    memory_mb: int = 2048
+    hypervisors: list[str] = field(default_factory=list)
+    alive: bool = True
+    resource_id: int | None = None
+    token: str | None = None
+    generation: int = 0
+    mode: str = "idle"
+    ve: str | None = None
+
+    def boot(self, settings, plugins, clock: Clock) -> None:
+        """Power on / reboot: ask what to boot (like PXE), then register."""
+        with service_context(settings, actor="agent", plugins=plugins) as ctx:
+            config = boot.boot_config(ctx, self.mac)
+        self.generation = config.boot_generation
+        self.mode = config.mode if config.mode != "none" else "idle"
+        self.ve = config.ve
+        with service_context(settings, actor="agent", plugins=plugins) as ctx:
+            reg = agent.register(
+                ctx,
+                mac=self.mac,
+                ip=None,
+                cpus=self.cpus,
+                memory_mb=self.memory_mb,
+                hypervisors=self.hypervisors,
+                boot_generation=self.generation,
+                mode=self.mode,
+                ve=self.ve,
+                now=clock(),
+            )
+        self.resource_id, self.token = reg.resource_id, reg.token
+
+    def beat(self, settings, plugins, clock: Clock) -> str:
+        if not self.alive:
+            return "dead"
+        if self.token is None:
+            self.boot(settings, plugins, clock)
+            return "booted"
+        with service_context(settings, actor="agent", plugins=plugins) as ctx:
+            answer = agent.heartbeat(
+                ctx,
+                resource_id=self.resource_id,
+                token=self.token,
+                state="active" if self.mode == "ve" else "idle",
+                load=0.1,
+                boot_generation=self.generation,
+                now=clock(),
+            )
+        if answer.command == "reboot":
+            self.boot(settings, plugins, clock)
+        elif answer.command == "halt":
+            self.alive = False
+        return answer.command
+
+
+class Site:
+    """Nodes + reconciler on one database, advanced in lock step."""
+
+    def __init__(self, settings, plugins) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.clock = Clock()
+        self.reconciler = Reconciler(settings, plugins, clock=self.clock)
+        self.nodes: dict[str, Node] = {}
+
+    def add_node(self, mac: str, **kwargs) -> Node:
+        node = Node(mac=mac, **kwargs)
+        self.nodes[mac] = node
+        node.boot(self.settings, self.plugins, self.clock)
+        return node
+
+    def step(self, seconds: float = 1.0) -> None:
+        self.clock.advance(seconds)
+        for node in list(self.nodes.values()):
+            node.beat(self.settings, self.plugins, self.clock)
+        self.reconciler.tick()
+
+    def settle(self, steps: int = 10, seconds: float = 1.0) -> None:
+        for _ in range(steps):
+            self.step(seconds)

@@ -1,0 +1,190 @@
+"""The engine through the services: placement, boot generations, failover, stop."""
+
+
+import pytest
+from enginekit import Site
+from sqlmodel import select
+
+from qrm_core.models import Resource
+from qrm_core.services import agent, boot_images, resources, service_context, storage
+from qrm_core.services import virtual_environments as ves
+
+
+@pytest.fixture
+def site(qrm_ctx, qrm_settings, qrm_plugins):
+    storage.add_storage(qrm_ctx, name="st", type="fake", address="10.0.0.2")
+    storage.add_filesystem_image(qrm_ctx, name="root", storage="st", location="/exports/root")
+    boot_images.add_boot_image(qrm_ctx, name="idle", kernel_version="6.1")
+    return Site(qrm_settings, qrm_plugins)
+
+
+def _ve(settings, plugins, name):
+    with service_context(settings, plugins=plugins) as ctx:
+        return ves.show_ve(ctx, name)
+
+
+def _res(settings, plugins, mac):
+    with service_context(settings, plugins=plugins) as ctx:
+        return resources.show_resource(ctx, mac)
+
+
+def test_single_ve_starts_runs_and_stops(site, qrm_ctx) -> None:
+    a = site.add_node("52:54:00:00:00:0a", cpus=4, memory_mb=4096)
+    site.add_node("52:54:00:00:00:0b", cpus=1, memory_mb=512)
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root", cpus=2)
+    ves.start_ve(qrm_ctx, "web")
+    site.reconciler.tick()
+    assert _res(site.settings, site.plugins, a.mac).state == "assigned"
+    site.settle(3)
+    web = _ve(site.settings, site.plugins, "web")
+    assert web.state == "running" and web.resources == [a.mac]
+    assert a.mode == "ve" and a.ve == "web"
+    assert _res(site.settings, site.plugins, a.mac).state == "active"
+
+    ves.stop_ve(qrm_ctx, "web")
+    assert _ve(site.settings, site.plugins, "web").state == "stopping"
+    site.settle(3)
+    web = _ve(site.settings, site.plugins, "web")
+    assert web.state == "stopped" and web.resources == []
+    assert a.mode == "idle"
+    assert _res(site.settings, site.plugins, a.mac).state == "idle"
+
+
+def test_old_os_heartbeats_do_not_flip_the_resource_back(site, qrm_ctx) -> None:
+    node = site.add_node("52:54:00:00:00:0c")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
+    ves.start_ve(qrm_ctx, "web")
+    site.reconciler.tick()
+    row = _res(site.settings, site.plugins, node.mac)
+    assert row.state == "assigned" and row.boot_generation == 1
+    # The old idle OS keeps heartbeating (generation 0) several times before it reboots.
+    for _ in range(5):
+        with service_context(site.settings, plugins=site.plugins) as ctx:
+            answer = agent.heartbeat(
+                ctx,
+                resource_id=node.resource_id,
+                token=node.token,
+                state="idle",
+                boot_generation=0,
+                now=site.clock(),
+            )
+        assert answer.command == "reboot"
+        assert _res(site.settings, site.plugins, node.mac).state == "assigned"
+
+
+def test_failover_moves_the_ve_and_the_failed_node_never_serves_it_again(site, qrm_ctx) -> None:
+    a = site.add_node("52:54:00:00:00:01")
+    b = site.add_node("52:54:00:00:00:02")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root", failover=True)
+    ves.start_ve(qrm_ctx, "web")
+    site.settle(3)
+    first = _ve(site.settings, site.plugins, "web").resources[0]
+    victim, other = (a, b) if first == a.mac else (b, a)
+    victim.alive = False
+    site.settle(int(site.settings.heartbeat_timeout) + 5, 1.0)
+    web = _ve(site.settings, site.plugins, "web")
+    assert web.state == "running" and web.resources == [other.mac]
+    assert _res(site.settings, site.plugins, victim.mac).state == "error"
+    # The victim comes back (it was only cut off): it is rebooted to idle, not into web.
+    victim.alive = True
+    site.settle(3)
+    assert _res(site.settings, site.plugins, victim.mac).state == "idle"
+    assert victim.mode == "idle"
+    assert _ve(site.settings, site.plugins, "web").resources == [other.mac]
+
+
+def test_without_failover_the_ve_degrades_and_resumes(site, qrm_ctx) -> None:
+    a = site.add_node("52:54:00:00:00:01")
+    site.add_node("52:54:00:00:00:02")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
+    ves.start_ve(qrm_ctx, "web")
+    site.settle(3)
+    member = site.nodes[_ve(site.settings, site.plugins, "web").resources[0]]
+    member.alive = False
+    site.settle(int(site.settings.heartbeat_timeout) + 5)
+    web = _ve(site.settings, site.plugins, "web")
+    assert web.state == "degraded" and "failover is off" in web.problem
+    assert web.resources == [member.mac]
+    member.alive = True
+    site.settle(2)
+    web = _ve(site.settings, site.plugins, "web")
+    assert web.state == "running" and web.resources == [member.mac]
+    del a
+
+
+def test_shared_pool_degrades_refills_and_explains(site, qrm_ctx) -> None:
+    site.add_node("52:54:00:00:00:01")
+    ves.create_ve(
+        qrm_ctx,
+        name="pool",
+        boot_image="idle",
+        fs_image="root",
+        deployment="shared",
+        pool_size=2,
+        memory_mb=1024,
+        failover=True,
+    )
+    ves.start_ve(qrm_ctx, "pool")
+    site.settle(3)
+    pool = _ve(site.settings, site.plugins, "pool")
+    assert pool.state == "starting" and len(pool.resources) == 1
+    assert pool.problem == "needs 1 more resource (at least 1024 MB): no idle resource is left"
+    site.add_node("52:54:00:00:00:02", memory_mb=512)
+    site.settle(1)
+    assert "1 have less than 1024 MB" in _ve(site.settings, site.plugins, "pool").problem
+    site.add_node("52:54:00:00:00:03", memory_mb=4096)
+    site.settle(3)
+    pool = _ve(site.settings, site.plugins, "pool")
+    assert pool.state == "running" and len(pool.resources) == 2 and pool.problem == ""
+    ves.resize_ve(qrm_ctx, "pool", 1)
+    site.settle(3)
+    assert len(_ve(site.settings, site.plugins, "pool").resources) == 1
+
+
+def test_partitioned_ve_creates_a_vm_on_a_host(site, qrm_ctx) -> None:
+    host = site.add_node("52:54:00:00:01:01", cpus=8, memory_mb=8192, hypervisors=["fake"])
+    ves.create_ve(
+        qrm_ctx,
+        name="vmve",
+        boot_image="idle",
+        fs_image="root",
+        deployment="partitioned",
+        hypervisor="fake",
+        cpus=2,
+        memory_mb=1024,
+    )
+    ves.start_ve(qrm_ctx, "vmve")
+    site.reconciler.tick()
+    driver = site.plugins.hypervisor_driver("fake")
+    from qrm_core.engine.reconciler import host_target
+
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        host_row = ctx.session.exec(select(Resource).where(Resource.mac == host.mac)).one()
+        parts = driver.list_partitions(host_target(host_row))
+    assert [(p.name, p.state, p.cpus, p.memory_mb) for p in parts] == [("vmve-1", "running", 2, 1024)]
+    assert "creating partition vmve-1" in _ve(site.settings, site.plugins, "vmve").problem
+    site.reconciler.tick()
+    assert "waiting for partition vmve-1" in _ve(site.settings, site.plugins, "vmve").problem
+    # The partition network-boots: its agent registers with the partition's MAC.
+    vm = site.add_node(parts[0].mac, cpus=2, memory_mb=1024)
+    site.settle(3)
+    vm_row = _res(site.settings, site.plugins, vm.mac)
+    assert vm_row.kind == "virtual" and vm_row.host == host.mac and vm_row.hypervisor == "fake"
+    vmve = _ve(site.settings, site.plugins, "vmve")
+    assert vmve.state == "running" and vmve.resources == [vm.mac] and vmve.problem == ""
+
+
+def test_partition_without_room_explains(site, qrm_ctx) -> None:
+    site.add_node("52:54:00:00:01:01", cpus=1, memory_mb=512, hypervisors=["fake"])
+    ves.create_ve(
+        qrm_ctx,
+        name="big",
+        boot_image="idle",
+        fs_image="root",
+        deployment="partitioned",
+        hypervisor="fake",
+        memory_mb=4096,
+    )
+    ves.start_ve(qrm_ctx, "big")
+    site.reconciler.tick()
+    assert "no host of hypervisor fake has room" in _ve(site.settings, site.plugins, "big").problem
