@@ -444,7 +444,7 @@ class Reconciler:
         host = best[1]
         partition = Partition(
             name=self._partition_name(ctx, ve, host),
-            host_id=host.id,  # type: ignore[arg-type]
+            host_id=host.id,
             hypervisor=hypervisor,
             cpus=max(ve.req_cpus, 1),
             memory_mb=max(ve.req_memory_mb, 1),
