@@ -101,3 +101,21 @@ def test_the_check_notices_a_changed_signature() -> None:
         """A changed hook."""
 
     assert render(qrm_resource_added) not in sections()["qrm_resource_added"]
+
+
+@pytest.mark.parametrize("caller", CALLERS, ids=[c.name for c in CALLERS])
+def test_every_example_is_a_valid_implementation(caller: pluggy.HookCaller) -> None:
+    """The example code runs and pluggy accepts it as an implementation of that hook."""
+    import types
+
+    blocks = re.findall(r"```python\n(.*?)```", sections()[caller.name], flags=re.S)
+    examples = [b for b in blocks if "@hookimpl" in b]
+    assert examples, f"docs/hooks.md, section {caller.name}: no example"
+    for number, source in enumerate(examples):
+        module = types.ModuleType(f"hooks_md_{caller.name}_{number}")
+        exec(compile(source, f"docs/hooks.md ({caller.name})", "exec"), module.__dict__)
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        pm.register(module)  # raises if an argument name is not in the specification
+        implemented = [c.name for c in pm.get_hookcallers(module) or []]
+        assert implemented == [caller.name], f"the example of {caller.name} implements {implemented}"
