@@ -9,6 +9,8 @@ run_pkgs=(python3 python3-venv python3-dev gcc)
 test_pkgs=(
   "${run_pkgs[@]}"
   iproute2 procps curl
+  # qrm_nfs: nfs-ganesha (VFS) with rpcbind in a netns; libnfs + showmount as clients
+  nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;
