@@ -354,7 +354,13 @@ def check_with_ganesha(candidate: Path, exports: Iterable[Export], timeout: floa
             stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             if proc.stderr:
                 proc.stderr.close()
-        text = log.read_text(errors="replace") if log.exists() else ""
+        if not log.exists():
+            reason = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise DriverError(
+                f"cannot run the ganesha configuration check: {reason} "
+                "(it needs root; or set QRM_NFS_CHECK_CONFIG=false)"
+            )
+        text = log.read_text(errors="replace")
     if "Configuration file successfully parsed" not in text:
         problems = log_problems(text)
         detail = _first(problems) if problems else (stderr.strip().splitlines() or ["no log"])[-1]
