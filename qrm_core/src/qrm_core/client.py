@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -16,6 +15,7 @@ from qrm_core.models import (
     BootImagePublic,
     EventPublic,
     FilesystemImagePublic,
+    PartitionPublic,
     ResourcePublic,
     StorageServerPublic,
     UserPublic,
@@ -89,6 +89,9 @@ class Client(Protocol):
     def ve_list(self, state: str | None) -> list[VirtualEnvironmentPublic]: ...
     def ve_show(self, name: str) -> VirtualEnvironmentPublic: ...
     def ve_remove(self, name: str) -> VirtualEnvironmentPublic: ...
+    def ve_start(self, name: str) -> VirtualEnvironmentPublic: ...
+    def ve_stop(self, name: str) -> VirtualEnvironmentPublic: ...
+    def ve_resize(self, name: str, pool_size: int) -> VirtualEnvironmentPublic: ...
 
     def resource_add(self, **kwargs: Any) -> ResourcePublic: ...
     def resource_list(
@@ -96,6 +99,9 @@ class Client(Protocol):
     ) -> ResourceListPublic: ...
     def resource_show(self, ref: str) -> ResourceDetail: ...
     def resource_remove(self, ref: str) -> ResourcePublic: ...
+    def resource_reboot(self, ref: str) -> ResourcePublic: ...
+    def resource_halt(self, ref: str) -> ResourcePublic: ...
+    def partition_list(self) -> list[PartitionPublic]: ...
 
     def events(self, limit: int, after_id: int | None) -> list[EventPublic]: ...
 
@@ -106,6 +112,8 @@ class Client(Protocol):
     def user_list(self) -> list[UserPublic]: ...
     def user_passwd(self, name: str, password: str) -> UserPublic: ...
     def user_remove(self, name: str) -> UserPublic: ...
+
+    def enrollment_token(self) -> str: ...
 
 
 class LocalClient:
@@ -251,6 +259,24 @@ class LocalClient:
         with self._ctx() as ctx:
             return ves.remove_ve(ctx, name)
 
+    def ve_start(self, name: str) -> VirtualEnvironmentPublic:
+        from qrm_core.services import virtual_environments as ves
+
+        with self._ctx() as ctx:
+            return ves.start_ve(ctx, name)
+
+    def ve_stop(self, name: str) -> VirtualEnvironmentPublic:
+        from qrm_core.services import virtual_environments as ves
+
+        with self._ctx() as ctx:
+            return ves.stop_ve(ctx, name)
+
+    def ve_resize(self, name: str, pool_size: int) -> VirtualEnvironmentPublic:
+        from qrm_core.services import virtual_environments as ves
+
+        with self._ctx() as ctx:
+            return ves.resize_ve(ctx, name, pool_size)
+
     # -- resources -------------------------------------------------------
 
     def resource_add(self, **kwargs: Any) -> ResourcePublic:
@@ -286,6 +312,30 @@ class LocalClient:
 
         with self._ctx() as ctx:
             return resources.remove_resource(ctx, ref)
+
+    def resource_reboot(self, ref: str) -> ResourcePublic:
+        from qrm_core.services import agent, resources
+
+        with self._ctx() as ctx:
+            agent.order_reboot(ctx, ref)
+            return resources.show_resource(ctx, ref)
+
+    def resource_halt(self, ref: str) -> ResourcePublic:
+        from qrm_core.services import agent, resources
+
+        with self._ctx() as ctx:
+            agent.order_halt(ctx, ref)
+            return resources.show_resource(ctx, ref)
+
+    def partition_list(self) -> list[PartitionPublic]:
+        from sqlmodel import col, select
+
+        from qrm_core.models import Partition
+        from qrm_core.services import public
+
+        with self._ctx() as ctx:
+            rows = ctx.session.exec(select(Partition).order_by(col(Partition.id))).all()
+            return public.partitions(ctx.session, rows)
 
     # -- events ----------------------------------------------------------
 
@@ -336,6 +386,230 @@ class LocalClient:
         with self._ctx() as ctx:
             return users.remove_user(ctx, name)
 
+    def enrollment_token(self) -> str:
+        from qrm_core.services import site
 
-def _path(value: str | Path | None) -> str | None:
-    return str(value) if value is not None else None
+        with self._ctx() as ctx:
+            return site.get_enrollment_token(ctx)
+
+
+class RemoteClient:
+    """Runs the same operations through a qrm server's REST API (``qrm --server URL``)."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        import httpx
+
+        from qrm_core.errors import InvalidInput
+
+        if not server.startswith(("http://", "https://")):
+            raise InvalidInput(f"--server must be an http:// or https:// URL, not {server!r}")
+        auth: Any = None
+        headers = {"User-Agent": "qrm-cli"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        elif user is not None:
+            auth = httpx.BasicAuth(user, password or "")
+        self.server = server.rstrip("/")
+        self._http = httpx.Client(base_url=self.server, auth=auth, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        from qrm_core.errors import ServerUnavailable, error_for_code
+
+        try:
+            response = self._http.request(method, "/api/v1" + path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServerUnavailable(f"cannot reach the qrm server at {self.server}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                raise error_for_code(error["code"], error["message"], error.get("details"))
+            except (ValueError, KeyError, TypeError):
+                raise ServerUnavailable(
+                    f"the qrm server at {self.server} answered {response.status_code}: {response.text[:200]}"
+                ) from None
+        return response.json()
+
+    def _get(self, path: str, **params: Any) -> Any:
+        return self._request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    # -- setup -----------------------------------------------------------
+
+    def init(self, admin_password: str | None) -> InitPublic:
+        from qrm_core.errors import InvalidInput
+
+        raise InvalidInput("qrm init works on a database, not through a server; run it where the server runs")
+
+    # -- storage ---------------------------------------------------------
+
+    def storage_add(self, name: str, type: str, address: str, comment: str | None) -> StorageServerPublic:
+        body = {"name": name, "type": type, "address": address, "comment": comment}
+        return StorageServerPublic.model_validate(self._request("POST", "/storage", json=body))
+
+    def storage_list(self) -> list[StorageServerPublic]:
+        return [StorageServerPublic.model_validate(x) for x in self._get("/storage")]
+
+    def storage_show(self, name: str) -> StorageServerPublic:
+        return StorageServerPublic.model_validate(self._get(f"/storage/{_q(name)}"))
+
+    def storage_remove(self, name: str) -> StorageServerPublic:
+        return StorageServerPublic.model_validate(self._request("DELETE", f"/storage/{_q(name)}"))
+
+    # -- boot images -----------------------------------------------------
+
+    def boot_image_add(self, **kwargs: Any) -> BootImagePublic:
+        from qrm_core.errors import InvalidInput
+
+        files: dict[str, Any] = {}
+        handles = []
+        try:
+            for label in ("kernel", "initrd"):
+                path = kwargs.pop(label, None)
+                if path is not None:
+                    try:
+                        handle = open(path, "rb")
+                    except OSError as exc:
+                        raise InvalidInput(f"{label} {path!r}: {exc.strerror}") from None
+                    handles.append(handle)
+                    files[label] = (label, handle, "application/octet-stream")
+            data = {
+                k: ("true" if v is True else "false" if v is False else v)
+                for k, v in kwargs.items()
+                if v is not None
+            }
+            return BootImagePublic.model_validate(
+                self._request("POST", "/boot-images", data=data, files=files or None)
+            )
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def boot_image_list(self) -> list[BootImagePublic]:
+        return [BootImagePublic.model_validate(x) for x in self._get("/boot-images")]
+
+    def boot_image_show(self, name: str) -> BootImagePublic:
+        return BootImagePublic.model_validate(self._get(f"/boot-images/{_q(name)}"))
+
+    def boot_image_set_default(self, name: str) -> BootImagePublic:
+        return BootImagePublic.model_validate(self._request("POST", f"/boot-images/{_q(name)}/default"))
+
+    def boot_image_remove(self, name: str) -> BootImagePublic:
+        return BootImagePublic.model_validate(self._request("DELETE", f"/boot-images/{_q(name)}"))
+
+    # -- filesystem images ----------------------------------------------
+
+    def fs_image_add(self, **kwargs: Any) -> FilesystemImagePublic:
+        return FilesystemImagePublic.model_validate(self._request("POST", "/filesystem-images", json=kwargs))
+
+    def fs_image_list(self, storage: str | None) -> list[FilesystemImagePublic]:
+        return [
+            FilesystemImagePublic.model_validate(x) for x in self._get("/filesystem-images", storage=storage)
+        ]
+
+    def fs_image_show(self, name: str) -> FilesystemImagePublic:
+        return FilesystemImagePublic.model_validate(self._get(f"/filesystem-images/{_q(name)}"))
+
+    def fs_image_remove(self, name: str, purge: bool) -> FilesystemImagePublic:
+        return FilesystemImagePublic.model_validate(
+            self._request("DELETE", f"/filesystem-images/{_q(name)}", params={"purge": purge})
+        )
+
+    # -- virtual environments -------------------------------------------
+
+    def ve_create(self, **kwargs: Any) -> VirtualEnvironmentPublic:
+        return VirtualEnvironmentPublic.model_validate(self._request("POST", "/ves", json=kwargs))
+
+    def ve_list(self, state: str | None) -> list[VirtualEnvironmentPublic]:
+        return [VirtualEnvironmentPublic.model_validate(x) for x in self._get("/ves", state=state)]
+
+    def ve_show(self, name: str) -> VirtualEnvironmentPublic:
+        return VirtualEnvironmentPublic.model_validate(self._get(f"/ves/{_q(name)}"))
+
+    def ve_remove(self, name: str) -> VirtualEnvironmentPublic:
+        return VirtualEnvironmentPublic.model_validate(self._request("DELETE", f"/ves/{_q(name)}"))
+
+    def ve_start(self, name: str) -> VirtualEnvironmentPublic:
+        return VirtualEnvironmentPublic.model_validate(self._request("POST", f"/ves/{_q(name)}/start"))
+
+    def ve_stop(self, name: str) -> VirtualEnvironmentPublic:
+        return VirtualEnvironmentPublic.model_validate(self._request("POST", f"/ves/{_q(name)}/stop"))
+
+    def ve_resize(self, name: str, pool_size: int) -> VirtualEnvironmentPublic:
+        return VirtualEnvironmentPublic.model_validate(
+            self._request("PATCH", f"/ves/{_q(name)}", json={"pool_size": pool_size})
+        )
+
+    # -- resources -------------------------------------------------------
+
+    def resource_add(self, **kwargs: Any) -> ResourcePublic:
+        return ResourcePublic.model_validate(self._request("POST", "/resources", json=kwargs))
+
+    def resource_list(
+        self, state: str | None, kind: str | None, ve: str | None, offset: int, limit: int | None
+    ) -> ResourceListPublic:
+        return ResourceListPublic.model_validate(
+            self._get("/resources", state=state, kind=kind, ve=ve, offset=offset, limit=limit)
+        )
+
+    def resource_show(self, ref: str) -> ResourceDetail:
+        return ResourceDetail.model_validate(self._get(f"/resources/{_q(ref)}"))
+
+    def resource_remove(self, ref: str) -> ResourcePublic:
+        return ResourcePublic.model_validate(self._request("DELETE", f"/resources/{_q(ref)}"))
+
+    def resource_reboot(self, ref: str) -> ResourcePublic:
+        return ResourcePublic.model_validate(self._request("POST", f"/resources/{_q(ref)}/reboot"))
+
+    def resource_halt(self, ref: str) -> ResourcePublic:
+        return ResourcePublic.model_validate(self._request("POST", f"/resources/{_q(ref)}/halt"))
+
+    def partition_list(self) -> list[PartitionPublic]:
+        return [PartitionPublic.model_validate(x) for x in self._get("/partitions")]
+
+    # -- events, plugins, users -----------------------------------------
+
+    def events(self, limit: int, after_id: int | None) -> list[EventPublic]:
+        return [EventPublic.model_validate(x) for x in self._get("/events", limit=limit, after_id=after_id)]
+
+    def plugins_list(self) -> list[PluginPublic]:
+        return [PluginPublic.model_validate(x) for x in self._get("/plugins")]
+
+    def plugins_set_enabled(self, name: str, enabled: bool) -> bool:
+        result = self._request("POST", f"/plugins/{_q(name)}/{'enable' if enabled else 'disable'}")
+        return bool(result["changed"])
+
+    def user_add(self, name: str, password: str, role: str) -> UserPublic:
+        body = {"name": name, "password": password, "role": role}
+        return UserPublic.model_validate(self._request("POST", "/users", json=body))
+
+    def user_list(self) -> list[UserPublic]:
+        return [UserPublic.model_validate(x) for x in self._get("/users")]
+
+    def user_passwd(self, name: str, password: str) -> UserPublic:
+        return UserPublic.model_validate(
+            self._request("POST", f"/users/{_q(name)}/password", json={"password": password})
+        )
+
+    def user_remove(self, name: str) -> UserPublic:
+        return UserPublic.model_validate(self._request("DELETE", f"/users/{_q(name)}"))
+
+    def enrollment_token(self) -> str:
+        return str(self._get("/site/enrollment-token")["token"])
+
+
+def _q(part: str) -> str:
+    from urllib.parse import quote
+
+    return quote(part, safe="")

@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     actor: str | None = None
     """Who the local CLI acts as in the audit log (default: the OS user)."""
 
+    server: str | None = None
+    """Run CLI commands through this qrm server's API (``QRM_SERVER``, ``--server``)."""
+
+    user: str | None = None
+    """User for ``--server`` (``QRM_USER``, ``-u``)."""
+
+    password: str | None = None
+    """Password for ``--server`` (``QRM_PASSWORD``, ``-p``)."""
+
+    token: str | None = None
+    """API token for ``--server`` instead of user and password (``QRM_TOKEN``)."""
+
     server_url: str | None = None
     """How booting machines reach ``qrm server`` (``http://10.0.0.1:8080``);
     default: built from the address and port the server listens on."""

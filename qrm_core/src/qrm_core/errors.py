@@ -73,6 +73,13 @@ class DatabaseUnavailable(QrmError):
     http_status = 503
 
 
+class ServerUnavailable(QrmError):
+    """The qrm server given with --server cannot be reached."""
+
+    code = "server_unavailable"
+    http_status = 503
+
+
 class PluginError(QrmError):
     """A plugin is missing, broken, or failed while doing its part."""
 
@@ -125,3 +132,20 @@ class AuthError(QrmError):
 class Forbidden(QrmError):
     code = "forbidden"
     http_status = 403
+
+
+def error_for_code(code: str, message: str, details: dict[str, Any] | None = None) -> QrmError:
+    """Rebuild the error a server reported (remote CLI), by its stable code."""
+
+    def subclasses(cls: type[QrmError]) -> list[type[QrmError]]:
+        found = [cls]
+        for sub in cls.__subclasses__():
+            found.extend(subclasses(sub))
+        return found
+
+    for cls in subclasses(QrmError):
+        if cls.code == code and cls.__init__ is QrmError.__init__:
+            return cls(message, **(details or {}))
+    error = QrmError(message, **(details or {}))
+    error.code = code  # type: ignore[misc]
+    return error

@@ -343,7 +343,7 @@ def build_initrd(
     extra_modules: Iterable[str] = (),
     agent: bytes | None = None,
     progress: Progress | None = None,
-    compresslevel: int = 9,
+    compresslevel: int = 6,
 ) -> BuildResult:
     """Build ``out_dir/initrd`` and copy the kernel to ``out_dir/vmlinuz``."""
     report = _Reporter(progress)

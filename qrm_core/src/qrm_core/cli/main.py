@@ -19,7 +19,7 @@ from qrm_core import __version__
 from qrm_core.cli.output import Output, message, show_list, show_one
 from qrm_core.client import Client, LocalClient
 from qrm_core.config import Settings, get_settings
-from qrm_core.errors import QrmError
+from qrm_core.errors import Conflict, InvalidInput, QrmError
 from qrm_core.logs import configure_logging, log_file
 
 log = logging.getLogger("qrm.cli")
@@ -27,6 +27,10 @@ log = logging.getLogger("qrm.cli")
 OutputOpt = Annotated[
     Output, typer.Option("--output", "-o", help="table for people, json for programs", case_sensitive=False)
 ]
+
+
+WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="wait until it is done, showing progress")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait at most")]
 
 
 def show_version(value: bool) -> None:
@@ -43,13 +47,36 @@ def _client(ctx: typer.Context) -> Client:
 class CliState:
     """Per-invocation state kept in the click context."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        server: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.settings = settings or get_settings()
+        self.server = server or self.settings.server
+        self.user = user or self.settings.user
+        self.password = password if password is not None else self.settings.password
+        self.token = token or self.settings.token
         self._client: Client | None = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.server)
 
     def client(self) -> Client:
         if self._client is None:
-            self._client = LocalClient(self.settings)
+            if self.server:
+                from qrm_core.client import RemoteClient
+
+                self._client = RemoteClient(
+                    self.server, user=self.user, password=self.password, token=self.token
+                )
+            else:
+                self._client = LocalClient(self.settings)
         return self._client
 
 
@@ -118,6 +145,16 @@ PLUGIN_COLUMNS = [
     ("STATUS", lambda p: p.status),
     ("PROBLEM", lambda p: p.error or (("missing: " + ", ".join(p.missing)) if p.missing else "")),
 ]
+PARTITION_COLUMNS = [
+    ("NAME", lambda p: p.name),
+    ("HOST", lambda p: p.host),
+    ("HYPERVISOR", lambda p: p.hypervisor),
+    ("CPUS", lambda p: p.cpus),
+    ("MEMORY MB", lambda p: p.memory_mb),
+    ("MAC", lambda p: p.mac),
+    ("STATE", lambda p: p.state),
+    ("VE", lambda p: p.ve),
+]
 USER_COLUMNS = [
     ("NAME", lambda u: u.name),
     ("ROLE", lambda u: u.role),
@@ -145,6 +182,17 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     @app.callback()
     def root(
         ctx: typer.Context,
+        server: Annotated[
+            str | None,
+            typer.Option(
+                "--server", help="work through this qrm server's API (URL) instead of the local database"
+            ),
+        ] = None,
+        user: Annotated[str | None, typer.Option("-u", "--user", help="user for --server")] = None,
+        password: Annotated[
+            str | None, typer.Option("-p", "--password", help="password for --server")
+        ] = None,
+        token: Annotated[str | None, typer.Option("--token", help="API token for --server")] = None,
         version: Annotated[
             bool,
             typer.Option(
@@ -152,7 +200,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
             ),
         ] = False,
     ) -> None:
-        ctx.obj = CliState(settings)
+        ctx.obj = CliState(settings, server=server, user=user, password=password, token=token)
 
     # -- init ------------------------------------------------------------
 
@@ -424,6 +472,53 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         if output is Output.json:
             show_one(result, output)
 
+    @ve_app.command("start")
+    def ve_start(
+        ctx: typer.Context,
+        name: str,
+        wait: WaitOpt = False,
+        timeout: TimeoutOpt = 600.0,
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Start a virtual environment: idle resources are chosen and rebooted into it."""
+        client = _client(ctx)
+        result = client.ve_start(name)
+        if wait:
+            result = wait_for_ve(client, name, "running", timeout, output)
+        message(f"virtual environment {result.name} is {result.state}", output)
+        if output is Output.json:
+            show_one(result, output)
+
+    @ve_app.command("stop")
+    def ve_stop(
+        ctx: typer.Context,
+        name: str,
+        wait: WaitOpt = False,
+        timeout: TimeoutOpt = 600.0,
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Stop a virtual environment: its resources reboot into the idle image."""
+        client = _client(ctx)
+        result = client.ve_stop(name)
+        if wait:
+            result = wait_for_ve(client, name, "stopped", timeout, output)
+        message(f"virtual environment {result.name} is {result.state}", output)
+        if output is Output.json:
+            show_one(result, output)
+
+    @ve_app.command("resize")
+    def ve_resize(
+        ctx: typer.Context,
+        name: str,
+        pool_size: Annotated[int, typer.Option("--pool-size", help="new number of resources")],
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Change the pool size of a shared virtual environment."""
+        result = _client(ctx).ve_resize(name, pool_size)
+        message(f"virtual environment {result.name} now wants {result.pool_size} resources", output)
+        if output is Output.json:
+            show_one(result, output)
+
     # -- resources -------------------------------------------------------
 
     resource_app = typer.Typer(help="Resources: the machines qrm boots.", no_args_is_help=True)
@@ -510,16 +605,129 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         if output is Output.json:
             show_one(result, output)
 
+    @resource_app.command("reboot")
+    def resource_reboot(
+        ctx: typer.Context,
+        mac_or_id: Annotated[str, typer.Argument(metavar="MAC_OR_ID")],
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Reboot a resource at its next heartbeat (into whatever it should boot now)."""
+        result = _client(ctx).resource_reboot(mac_or_id)
+        message(f"reboot ordered for resource {result.id} ({result.mac})", output)
+        if output is Output.json:
+            show_one(result, output)
+
+    @resource_app.command("halt")
+    def resource_halt(
+        ctx: typer.Context,
+        mac_or_id: Annotated[str, typer.Argument(metavar="MAC_OR_ID")],
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Power a resource off at its next heartbeat (it must serve no VE)."""
+        result = _client(ctx).resource_halt(mac_or_id)
+        message(f"halt ordered for resource {result.id} ({result.mac})", output)
+        if output is Output.json:
+            show_one(result, output)
+
+    partition_app = typer.Typer(
+        help="Partitions: VMs the engine created on hypervisor hosts.", no_args_is_help=True
+    )
+    app.add_typer(partition_app, name="partition")
+
+    @partition_app.command("list")
+    def partition_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+        """List partitions."""
+        show_list(_client(ctx).partition_list(), PARTITION_COLUMNS, output, "Partitions")
+
     # -- events ----------------------------------------------------------
 
     @app.command("events")
     def events_cmd(
         ctx: typer.Context,
         limit: Annotated[int, typer.Option("--limit", "-l", help="how many of the newest events")] = 20,
+        follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
         output: OutputOpt = Output.table,
     ) -> None:
         """Show the newest events of the audit log."""
-        show_list(_client(ctx).events(limit, None), EVENT_COLUMNS, output, "Events")
+        client = _client(ctx)
+        shown = client.events(limit, None)
+        if not follow:
+            show_list(shown, EVENT_COLUMNS, output, "Events")
+            return
+        follow_events(client, shown, output)
+
+    # -- server and site --------------------------------------------------
+
+    @app.command("server")
+    def server_cmd(
+        ctx: typer.Context,
+        host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8080,
+    ) -> None:
+        """Serve the REST API, the node-agent protocol and the engine (foreground)."""
+        from qrm_core.plugins import get_plugin_system
+        from qrm_core.server import serve
+
+        state: CliState = ctx.ensure_object(CliState)
+        if state.remote:
+            raise InvalidInput("qrm server runs here; --server makes no sense with it")
+        serve(state.settings, get_plugin_system(state.settings), host, port)
+
+    site_app = typer.Typer(help="Site-wide settings.", no_args_is_help=True)
+    app.add_typer(site_app, name="site")
+
+    @site_app.command("enrollment-token")
+    def site_token(ctx: typer.Context) -> None:
+        """Print the token booting machines register with (qrm.enroll=)."""
+        typer.echo(_client(ctx).enrollment_token())
+
+    # -- lab ---------------------------------------------------------------
+
+    lab_app = typer.Typer(
+        help="A data center in a box: simulated agents, QEMU machines.", no_args_is_help=True
+    )
+    app.add_typer(lab_app, name="lab")
+
+    @lab_app.command("simulate")
+    def lab_simulate(
+        ctx: typer.Context,
+        nodes: Annotated[int, typer.Option("--nodes", "-n", help="simulated machines")] = 10,
+        hypervisor_hosts: Annotated[
+            int,
+            typer.Option("--hypervisor-hosts", help="extra machines that host fake-hypervisor partitions"),
+        ] = 0,
+        cpus: Annotated[int, typer.Option("--cpus")] = 2,
+        memory: Annotated[int, typer.Option("--memory", help="MB per machine")] = 2048,
+        duration: Annotated[
+            float | None, typer.Option("--duration", help="seconds to run (default: until Ctrl-C)")
+        ] = None,
+        reboot_delay: Annotated[float, typer.Option("--reboot-delay", help="seconds a reboot takes")] = 1.0,
+        enroll: Annotated[
+            str | None, typer.Option("--enroll", help="enrollment token (default: ask the site)")
+        ] = None,
+        sim_server: Annotated[str | None, typer.Option("--agent-url", help="server URL agents use")] = None,
+    ) -> None:
+        """Run N simulated node agents against a qrm server (real HTTP, real protocol)."""
+        import asyncio
+
+        from qrm_core.lab.simulate import Simulation, node_specs
+
+        state: CliState = ctx.ensure_object(CliState)
+        url = sim_server or state.server or state.settings.server_url or "http://127.0.0.1:8080"
+        token = enroll or _client(ctx).enrollment_token()
+        if nodes < 0 or hypervisor_hosts < 0 or nodes + hypervisor_hosts == 0:
+            raise InvalidInput("simulate at least one machine")
+        sim = Simulation(url, token, reboot_delay=reboot_delay, fake_state_dir=state.settings.state_dir)
+        specs = node_specs(nodes, cpus=cpus, memory_mb=memory, hypervisor_hosts=hypervisor_hosts)
+        message(f"simulating {len(specs)} machines against {url} (Ctrl-C to stop)")
+        try:
+            stats = asyncio.run(sim.run(specs, duration=duration))
+        except KeyboardInterrupt:
+            stats = sim.stats
+        message(
+            f"registrations {stats.registrations}, heartbeats {stats.heartbeats}, reboots {stats.reboots}, "
+            f"halts {stats.halts}, errors {stats.errors}"
+        )
 
     # -- users -----------------------------------------------------------
 
@@ -595,6 +803,73 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     if with_plugins:
         _add_plugin_commands(app, settings)
     return app
+
+
+def wait_for_ve(client: Client, name: str, goal: str, timeout: float, output: Output) -> Any:
+    """Poll a VE until it reaches ``goal``, with a progress line for people."""
+    import time
+
+    from rich.console import Console
+
+    deadline = time.monotonic() + timeout
+    console = Console(stderr=True)
+    status = console.status(f"{name}: waiting") if output is Output.table and console.is_terminal else None
+    if status is not None:
+        status.start()
+    last = ""
+    try:
+        while True:
+            ve = client.ve_show(name)
+            line = f"{name}: {ve.state}, {len(ve.resources)}/{ve.pool_size} resources" + (
+                f" - {ve.problem}" if ve.problem else ""
+            )
+            if status is not None:
+                status.update(line)
+            elif line != last and output is Output.table:
+                sys.stderr.write(line + "\n")
+            last = line
+            if ve.state == goal:
+                return ve
+            wanted = "running" if goal == "running" else "stopped"
+            if ve.desired_state != wanted:
+                raise Conflict(f"{name} was asked to be {ve.desired_state} meanwhile; stopped waiting")
+            if time.monotonic() > deadline:
+                raise Conflict(f"timed out after {timeout:.0f} s: {line}")
+            time.sleep(0.5)
+    finally:
+        if status is not None:
+            status.stop()
+
+
+def follow_events(client: Client, shown: list[Any], output: Output) -> None:
+    """Print events as they are recorded, one line each, until Ctrl-C."""
+    import json
+    import time
+
+    from qrm_core.cli.output import to_jsonable
+
+    def emit(event: Any) -> None:
+        if output is Output.json:
+            sys.stdout.write(json.dumps(to_jsonable(event)) + "\n")
+        else:
+            obj = f"{event.object_type}:{event.object_name}" if event.object_name else event.object_type
+            sys.stdout.write(
+                f"{event.time:%Y-%m-%d %H:%M:%S} {event.actor} {obj} {event.level} {event.message}\n"
+            )
+        sys.stdout.flush()
+
+    last_id = 0
+    for event in shown:
+        emit(event)
+        last_id = max(last_id, event.id)
+    try:
+        while True:
+            time.sleep(1.0)
+            for event in client.events(1000, last_id):
+                emit(event)
+                last_id = max(last_id, event.id)
+    except KeyboardInterrupt:
+        return
 
 
 def _add_plugin_commands(app: typer.Typer, settings: Settings) -> None:

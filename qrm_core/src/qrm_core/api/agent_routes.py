@@ -1,0 +1,144 @@
+"""The node-agent endpoints (``/agent/v1``) and the boot files served over HTTP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from qrm_core.api.deps import bearer, get_ctx
+from qrm_core.errors import AuthError, NotFound
+from qrm_core.services import ServiceContext, agent, boot, site
+
+router = APIRouter()
+Ctx = Annotated[ServiceContext, Depends(get_ctx)]
+
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RegisterRequest(BaseModel):
+    mac: str = Field(max_length=32)
+    ip: str | None = Field(default=None, max_length=64)
+    cpus: int = Field(ge=0, le=4096)
+    memory_mb: int = Field(ge=0, le=64 * 1024 * 1024)
+    hostname: str | None = Field(default=None, max_length=64)
+    hypervisors: list[str] = Field(default_factory=list, max_length=16)
+    boot_generation: int = Field(default=0, ge=0)
+    mode: Literal["idle", "ve"] = "idle"
+    ve: str | None = Field(default=None, max_length=64)
+
+
+class RegisterResponse(BaseModel):
+    resource_id: int
+    token: str
+    heartbeat_interval: float
+    state: str
+    boot_generation: int
+
+
+class HeartbeatRequest(BaseModel):
+    resource_id: int
+    state: Literal["idle", "active"]
+    load: float | None = Field(default=None, ge=0, le=1e6)
+    boot_generation: int = Field(default=0, ge=0)
+
+
+class HeartbeatResponse(BaseModel):
+    command: Literal["none", "reboot", "halt"]
+    heartbeat_interval: float
+    boot_generation: int
+
+
+def _count(request: Request, endpoint: str, outcome: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.agent_requests.labels(endpoint=endpoint, outcome=outcome).inc()
+
+
+def _enrollment(ctx: ServiceContext, request: Request) -> None:
+    cache = request.app.state.enrollment
+    token = bearer(request)
+    if token is None or not cache.check(ctx, token):
+        raise AuthError("wrong or missing enrollment token")
+
+
+@router.post("/agent/v1/register", tags=["agent"])
+def register(request: Request, ctx: Ctx, body: RegisterRequest) -> RegisterResponse:
+    try:
+        _enrollment(ctx, request)
+        ctx.actor = f"agent:{body.mac}"[:64]
+        result = agent.register(
+            ctx,
+            mac=body.mac,
+            ip=body.ip,
+            cpus=body.cpus,
+            memory_mb=body.memory_mb,
+            hostname=body.hostname,
+            hypervisors=body.hypervisors,
+            boot_generation=body.boot_generation,
+            mode=body.mode,
+            ve=body.ve,
+        )
+    except Exception:
+        _count(request, "register", "error")
+        raise
+    _count(request, "register", "ok")
+    return RegisterResponse(**result.__dict__)
+
+
+@router.post("/agent/v1/heartbeat", tags=["agent"])
+def heartbeat(request: Request, ctx: Ctx, body: HeartbeatRequest) -> HeartbeatResponse:
+    try:
+        ctx.actor = f"agent:{body.resource_id}"
+        answer = agent.heartbeat(
+            ctx,
+            resource_id=body.resource_id,
+            token=bearer(request),
+            state=body.state,
+            load=body.load,
+            boot_generation=body.boot_generation,
+        )
+    except Exception:
+        _count(request, "heartbeat", "error")
+        raise
+    _count(request, "heartbeat", "ok")
+    return HeartbeatResponse(**answer.__dict__)
+
+
+@router.get("/agent/v1/boot/{mac}", tags=["agent"])
+def boot_config(request: Request, ctx: Ctx, mac: str) -> boot.BootConfig:
+    """What this MAC boots now (for boot services near the machines); needs the enrollment token."""
+    _enrollment(ctx, request)
+    state = request.app.state
+    return boot.boot_config(
+        ctx, mac, server_url=state.server_url, enrollment_token=site.get_enrollment_token(ctx)
+    )
+
+
+@router.get("/agent/v1/boot/{mac}/ipxe", tags=["agent"], response_class=PlainTextResponse)
+def boot_script(request: Request, ctx: Ctx, mac: str) -> str:
+    """The boot as an iPXE script (HTTP boot without TFTP); machines fetch it without credentials,
+    like a TFTP boot file."""
+    state = request.app.state
+    config = boot.boot_config(
+        ctx, mac, server_url=state.server_url, enrollment_token=site.get_enrollment_token(ctx)
+    )
+    if config.mode == "none" or not config.kernel_url:
+        return f"#!ipxe\necho qrm: {config.message or 'nothing to boot'}\nsleep 30\nreboot\n"
+    return f"#!ipxe\nkernel {config.kernel_url} {config.cmdline}\ninitrd {config.initrd_url}\nboot\n"
+
+
+@router.get("/boot/{image}/{file}", tags=["agent"])
+def boot_file(request: Request, ctx: Ctx, image: str, file: Literal["vmlinuz", "initrd"]) -> FileResponse:
+    """A boot image's kernel or initrd (what iPXE fetches; no credentials, like TFTP)."""
+    if not _IMAGE_NAME.match(image):
+        raise NotFound("no such boot file")
+    kernel, initrd = boot.boot_image_files(ctx, image)
+    path = kernel if file == "vmlinuz" else initrd
+    if not path or not Path(path).is_file():
+        raise NotFound(f"boot image {image!r} has no {file}")
+    return FileResponse(path, media_type="application/octet-stream", filename=file)

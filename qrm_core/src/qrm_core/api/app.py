@@ -1,0 +1,196 @@
+"""The FastAPI application of ``qrm server``: REST API, agent endpoints, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from sqlmodel import Session, func, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qrm_core import __version__
+from qrm_core.api import agent_routes, routes
+from qrm_core.api.deps import require
+from qrm_core.db import get_engine
+from qrm_core.errors import QrmError
+from qrm_core.models import Resource, ResourceState, Role, VEState, VirtualEnvironment
+
+if TYPE_CHECKING:
+    from qrm_core.config import Settings
+    from qrm_core.engine.runner import EngineRunner
+    from qrm_core.plugins import PluginSystem
+    from qrm_core.services import ServiceContext
+
+log = logging.getLogger("qrm.api")
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+class EnrollmentCache:
+    """The site's enrollment token, re-read from the database every few seconds
+    (so a rotation on one server reaches the others) instead of per request."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._value: str | None = None
+        self._read_at = 0.0
+        self._lock = threading.Lock()
+
+    def check(self, ctx: ServiceContext, token: str) -> bool:
+        from qrm_core.services import site
+
+        with self._lock:
+            if self._value is None or time.monotonic() - self._read_at > self.ttl:
+                self._value = site.get_enrollment_token(ctx)
+                self._read_at = time.monotonic()
+            value = self._value
+        return hmac.compare_digest(value.encode(), token.encode())
+
+
+class Metrics:
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.agent_requests = Counter(
+            "qrm_agent_requests", "Node-agent requests", ["endpoint", "outcome"], registry=self.registry
+        )
+        self.reconcile_seconds = Histogram(
+            "qrm_reconcile_duration_seconds",
+            "Duration of reconcile steps",
+            ["step"],
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.leader = Gauge(
+            "qrm_engine_leader", "1 if this server runs the reconciler", registry=self.registry
+        )
+        self.registry.register(_StateCollector(settings))
+
+
+class _StateCollector:
+    """Resources and VEs by state, counted at scrape time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Any:
+        resources = GaugeMetricFamily("qrm_resources", "Resources by state", labels=["state"])
+        ves = GaugeMetricFamily("qrm_ves", "Virtual environments by state", labels=["state"])
+        try:
+            with Session(get_engine(self.settings)) as session:
+                by_state = dict(
+                    session.exec(select(Resource.state, func.count()).group_by(Resource.state)).all()
+                )
+                ve_state = dict(
+                    session.exec(
+                        select(VirtualEnvironment.state, func.count()).group_by(VirtualEnvironment.state)
+                    ).all()
+                )
+        except Exception:
+            log.exception("metrics: cannot count states")
+            return
+        for name in ResourceState.values():
+            resources.add_metric([name], by_state.get(name, 0))
+        for name in VEState.values():
+            ves.add_metric([name], ve_state.get(name, 0))
+        yield resources
+        yield ves
+
+
+def create_app(
+    settings: Settings,
+    plugins: PluginSystem,
+    *,
+    engine: EngineRunner | None = None,
+    server_url: str | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="qrm",
+        version=__version__,
+        description="qrm REST API: storage servers, boot and filesystem images, virtual environments, resources.",
+    )
+    app.state.settings = settings
+    app.state.plugins = plugins
+    app.state.engine = engine
+    app.state.server_url = server_url or settings.server_url
+    app.state.enrollment = EnrollmentCache()
+    app.state.metrics = Metrics(settings)
+
+    @app.exception_handler(QrmError)
+    async def qrm_error(_request: Request, exc: QrmError) -> JSONResponse:
+        headers = {"WWW-Authenticate": 'Basic realm="qrm"'} if exc.http_status == 401 else None
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.details or None),
+            status_code=exc.http_status,
+            headers=headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = (
+            f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
+        )
+        return JSONResponse(error_body("invalid_input", message), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(
+            error_body("internal_error", f"internal error: {type(exc).__name__}"), status_code=500
+        )
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        if not request.url.path.startswith("/agent/"):
+            log.info(
+                "%s %s %s %.1fms",
+                request.method,
+                request.url.path,
+                response.status_code,
+                (time.perf_counter() - started) * 1000,
+            )
+        return response
+
+    app.include_router(routes.router)
+    app.include_router(agent_routes.router)
+
+    viewer = require(Role.VIEWER)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        viewer(request)
+        state = app.state
+        state.metrics.leader.set(1 if state.engine is not None and state.engine.is_leader else 0)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    for name, exc in plugins.hooks.register_routers(app):
+        plugins.mark_broken(name, exc)
+    return app

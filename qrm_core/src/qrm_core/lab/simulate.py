@@ -1,0 +1,259 @@
+"""``qrm lab simulate``: many node agents in one process, speaking the real
+protocol over HTTP to a real ``qrm server`` (for demos, tests and benchmarks).
+
+Each simulated machine behaves like the agent in a boot image: it asks what
+to boot (``/agent/v1/boot/{mac}``, as PXE would), registers with the boot
+generation it got, heartbeats, and obeys: on ``reboot`` it goes quiet for a
+moment and boots again (now into whatever qrm assigned), on ``halt`` it stops.
+Simulated hypervisor hosts (``--hypervisor-hosts``) report the ``fake``
+hypervisor; partitions the engine creates on them through the fake driver are
+picked up from its state files and boot as simulated VMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("qrm.lab")
+
+
+@dataclass
+class NodeSpec:
+    mac: str
+    cpus: int = 2
+    memory_mb: int = 2048
+    hypervisors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SimStats:
+    registrations: int = 0
+    heartbeats: int = 0
+    reboots: int = 0
+    halts: int = 0
+    errors: int = 0
+    first_registration_at: float | None = None
+    last_registration_at: float | None = None
+    nodes: int = 0
+    states: dict[str, str] = field(default_factory=dict)
+
+    def registration_rate(self) -> float:
+        if not self.first_registration_at or not self.last_registration_at or self.registrations < 2:
+            return 0.0
+        span = self.last_registration_at - self.first_registration_at
+        return self.registrations / span if span > 0 else 0.0
+
+
+def mac_for(index: int, prefix: int = 0x02) -> str:
+    """A locally administered unicast MAC for simulated node ``index``."""
+    return f"{prefix:02x}:51:{(index >> 24) & 0xFF:02x}:{(index >> 16) & 0xFF:02x}:{(index >> 8) & 0xFF:02x}:{index & 0xFF:02x}"
+
+
+class SimulatedNode:
+    def __init__(self, sim: Simulation, spec: NodeSpec) -> None:
+        self.sim = sim
+        self.spec = spec
+        self.resource_id: int | None = None
+        self.token: str | None = None
+        self.generation = 0
+        self.mode = "idle"
+        self.ve: str | None = None
+        self.interval = 10.0
+        self.stopped = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        while not self.stopped and not self.sim.stopping.is_set():
+            try:
+                await self._boot()
+                await self._heartbeat_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a simulated machine retries like a real one
+                self.sim.stats.errors += 1
+                log.debug("node %s: %s", self.spec.mac, exc)
+                await self.sim.sleep(min(self.sim.reboot_delay * 4 + 1, 5.0))
+
+    async def _boot(self) -> None:
+        sim = self.sim
+        config = await sim.call("GET", f"/agent/v1/boot/{self.spec.mac}", token=sim.enrollment_token)
+        self.generation = int(config.get("boot_generation", 0))
+        self.mode = "ve" if config.get("mode") == "ve" else "idle"
+        self.ve = config.get("ve")
+        body = {
+            "mac": self.spec.mac,
+            "ip": None,
+            "cpus": self.spec.cpus,
+            "memory_mb": self.spec.memory_mb,
+            "hypervisors": self.spec.hypervisors,
+            "boot_generation": self.generation,
+            "mode": self.mode,
+            "ve": self.ve,
+        }
+        answer = await sim.call("POST", "/agent/v1/register", json=body, token=sim.enrollment_token)
+        self.resource_id = answer["resource_id"]
+        self.token = answer["token"]
+        self.interval = float(answer.get("heartbeat_interval", 10.0)) * sim.interval_scale
+        now = time.perf_counter()
+        stats = sim.stats
+        stats.registrations += 1
+        stats.first_registration_at = stats.first_registration_at or now
+        stats.last_registration_at = now
+        stats.states[self.spec.mac] = answer.get("state", "?")
+        if sim.on_register is not None:
+            sim.on_register(self)
+
+    async def _heartbeat_loop(self) -> None:
+        sim = self.sim
+        # Booted into a VE: say "active" at once. Idle: spread the first heartbeats
+        # so thousands of nodes do not beat in lock step.
+        await sim.sleep(0 if self.mode == "ve" else random.uniform(0, self.interval))
+        while not self.stopped and not sim.stopping.is_set():
+            body = {
+                "resource_id": self.resource_id,
+                "state": "active" if self.mode == "ve" else "idle",
+                "load": round(random.random(), 2),
+                "boot_generation": self.generation,
+            }
+            answer = await sim.call("POST", "/agent/v1/heartbeat", json=body, token=self.token)
+            sim.stats.heartbeats += 1
+            command = answer.get("command", "none")
+            if command == "reboot":
+                sim.stats.reboots += 1
+                await sim.sleep(sim.reboot_delay)
+                return  # boot again
+            if command == "halt":
+                sim.stats.halts += 1
+                self.stopped = True
+                return
+            await sim.sleep(self.interval)
+
+
+class Simulation:
+    def __init__(
+        self,
+        server: str,
+        enrollment_token: str,
+        *,
+        reboot_delay: float = 1.0,
+        interval_scale: float = 1.0,
+        concurrency: int = 200,
+        on_register: Callable[[SimulatedNode], None] | None = None,
+        fake_state_dir: Path | None = None,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self.enrollment_token = enrollment_token
+        self.reboot_delay = reboot_delay
+        self.interval_scale = interval_scale
+        self.concurrency = concurrency
+        self.on_register = on_register
+        self.fake_state_dir = fake_state_dir
+        self.stats = SimStats()
+        self.nodes: dict[str, SimulatedNode] = {}
+        self.stopping = asyncio.Event()
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=max(seconds, 0))
+        except TimeoutError:
+            pass
+
+    async def call(self, method: str, path: str, *, json: Any = None, token: str | None = None) -> Any:
+        assert self._client is not None and self._slots is not None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self._slots:
+            response = await self._client.request(method, path, json=json, headers=headers)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:200]}")
+        return response.json()
+
+    def add(self, spec: NodeSpec) -> SimulatedNode:
+        node = SimulatedNode(self, spec)
+        self.nodes[spec.mac] = node
+        node.task = asyncio.create_task(node.run(), name=f"node-{spec.mac}")
+        self.stats.nodes = len(self.nodes)
+        return node
+
+    def remove(self, mac: str) -> None:
+        node = self.nodes.pop(mac, None)
+        if node is not None:
+            node.stopped = True
+            if node.task is not None:
+                node.task.cancel()
+        self.stats.nodes = len(self.nodes)
+
+    async def _watch_partitions(self, hosts: dict[str, NodeSpec]) -> None:
+        """Boot a simulated VM for each running partition of the fake hypervisor on our hosts."""
+        assert self.fake_state_dir is not None
+        directory = self.fake_state_dir / "fake-hypervisor"
+        vms: set[str] = set()
+        while not self.stopping.is_set():
+            running: dict[str, dict[str, Any]] = {}
+            for host_mac in hosts:
+                path = directory / f"host-{host_mac.replace(':', '')}.json"
+                try:
+                    state = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                for partition in state.get("partitions", {}).values():
+                    if partition.get("state") == "running":
+                        running[partition["mac"]] = partition
+            for mac, partition in running.items():
+                if mac not in vms:
+                    vms.add(mac)
+                    self.add(NodeSpec(mac=mac, cpus=partition["cpus"], memory_mb=partition["memory_mb"]))
+            for mac in list(vms - set(running)):
+                vms.discard(mac)
+                self.remove(mac)  # powered off or fenced: the VM's agent goes silent
+            await self.sleep(0.5)
+
+    async def run(self, specs: list[NodeSpec], duration: float | None = None, ramp: float = 0.0) -> SimStats:
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(base_url=self.server, limits=limits, timeout=60.0) as client:
+            self._client = client
+            self._slots = asyncio.Semaphore(self.concurrency)
+            watcher = None
+            hosts = {s.mac: s for s in specs if s.hypervisors}
+            if hosts and self.fake_state_dir is not None:
+                watcher = asyncio.create_task(self._watch_partitions(hosts))
+            for index, spec in enumerate(specs):
+                self.add(spec)
+                if ramp and index % 100 == 99:
+                    await asyncio.sleep(ramp)
+            if duration is not None:
+                await self.sleep(duration)
+                self.stopping.set()
+            else:
+                await self.stopping.wait()
+            tasks = [n.task for n in self.nodes.values() if n.task is not None]
+            if watcher is not None:
+                tasks.append(watcher)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return self.stats
+
+
+def node_specs(
+    count: int, *, cpus: int = 2, memory_mb: int = 2048, hypervisor_hosts: int = 0, start: int = 1
+) -> list[NodeSpec]:
+    specs = [NodeSpec(mac=mac_for(start + i), cpus=cpus, memory_mb=memory_mb) for i in range(count)]
+    for i in range(hypervisor_hosts):
+        specs.append(
+            NodeSpec(
+                mac=mac_for(start + count + i, prefix=0x06), cpus=16, memory_mb=65536, hypervisors=["fake"]
+            )
+        )
+    return specs
