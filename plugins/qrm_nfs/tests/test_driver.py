@@ -10,6 +10,7 @@ import pytest
 from qrm_core.config import Settings
 from qrm_core.drivers.base import ExportClient, StorageDriver, StorageTarget
 from qrm_core.errors import DriverError, InvalidInput, NotFound
+from qrm_nfs import ganesha
 from qrm_nfs.driver import NfsStorage
 from qrm_nfs.settings import NfsSettings, load_settings
 
@@ -196,3 +197,12 @@ def test_detect_missing_dependencies(core: Settings, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     missing = NfsStorage(core).detect_missing_dependencies()
     assert [m.split()[0] for m in missing] == ["ganesha.nfsd", "rpcbind"]
+
+
+def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
+    pid_file = tmp_path / "ganesha.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # a live process, but not ganesha.nfsd
+    assert ganesha.running_pid(pid_file) is None
+    pid_file.write_text("not a number\n")
+    assert ganesha.running_pid(pid_file) is None
+    assert ganesha.running_pid(tmp_path / "absent.pid") is None

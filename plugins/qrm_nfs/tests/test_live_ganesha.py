@@ -257,3 +257,24 @@ def test_many_exports_reload(lab: Lab) -> None:
     assert _ls(lab, 1, volumes[0].location).returncode != 0
     for volume in volumes:
         d.remove_volume(lab.storage, volume.location)
+
+
+def test_operator_run_ganesha_without_a_log_file(lab: Lab) -> None:
+    """A ganesha qrm does not run: only its PID file is known, so the reload is
+    signalled but not confirmed; the export still arrives."""
+    external = NfsSettings(
+        export_root=lab.root,
+        ganesha_config=lab.config,
+        ganesha_pid_file=lab.nfs.effective_pid_file(lab.core),
+        reload_timeout=15,
+    )
+    assert external.effective_log_file(lab.core) is None
+    d = NfsStorage(lab.core, external)
+    volume = d.create_volume(lab.storage, "external", 1)
+    d.export_volume(lab.storage, volume.location, C1)
+    deadline = time.monotonic() + 10
+    while _ls(lab, 1, volume.location).returncode != 0:
+        assert time.monotonic() < deadline, "ganesha never applied the export"
+        time.sleep(0.1)
+    d.unexport_volume(lab.storage, volume.location, C1)
+    d.remove_volume(lab.storage, volume.location)
