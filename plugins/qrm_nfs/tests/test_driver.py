@@ -206,3 +206,12 @@ def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
     pid_file.write_text("not a number\n")
     assert ganesha.running_pid(pid_file) is None
     assert ganesha.running_pid(tmp_path / "absent.pid") is None
+
+
+def test_export_root_must_be_its_real_path(core: Settings, tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    driver = NfsStorage(core, NfsSettings(export_root=tmp_path / "alias"))
+    with pytest.raises(DriverError, match="real path"):
+        driver.create_volume(STORAGE, "web", 1)
+    assert list((tmp_path / "real").iterdir()) == []

@@ -123,6 +123,13 @@ class NfsStorage(StorageDriver):
             )
         if not root.is_dir():
             raise DriverError(f"cannot {doing}: the export root {root} does not exist; create it first")
+        real = os.path.realpath(root)
+        if real != str(root):
+            # Clients mount the exported path itself (nfsroot=ADDR:PATH): it must be the real one.
+            raise DriverError(
+                f"cannot {doing}: the export root {root} goes through a symbolic link; "
+                f"set QRM_NFS_EXPORT_ROOT to its real path {real}"
+            )
         return root
 
     def _ganesha_config(self, doing: str) -> Path:
