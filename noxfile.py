@@ -3,6 +3,7 @@
     nox                      # everything below, in order
     nox -s core              # qrm_core alone: proves core imports no plugin
     nox -s "plugin(qrm_nfs)" # one plugin with core only: catches missing deps and stray imports
+    nox -s example           # docs/example-plugin with core only
     nox -s integration       # core + every plugin + the example plugin
     nox -s lint typecheck
 
@@ -20,7 +21,7 @@ import nox
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "core", "plugin", "integration"]
+nox.options.sessions = ["lint", "typecheck", "core", "plugin", "example", "integration"]
 
 ROOT = Path(__file__).parent
 PLUGINS = sorted(
@@ -67,6 +68,14 @@ def plugin(session: nox.Session, plugin: str) -> None:
 
 
 @nox.session(python="3.11")
+def example(session: nox.Session) -> None:
+    """Run the example plugin's own tests (docs/example-plugin) against core, with no other plugin."""
+    session.install("-e", "./qrm_core[test]", "-e", f"./{EXAMPLE_PLUGIN}[test]")
+    _no_shadowing(session)
+    _pytest(session, f"{EXAMPLE_PLUGIN}/tests")
+
+
+@nox.session(python="3.11")
 def integration(session: nox.Session) -> None:
     """Install core, every plugin and the example plugin; run the cross-plugin tests."""
     session.install(
@@ -92,6 +101,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy over core and every plugin."""
-    session.install("mypy>=1.10", "-e", "./qrm_core[test]", *(f"-e./plugins/{p}" for p in PLUGINS))
-    session.run("mypy", "qrm_core/src", *(f"plugins/{p}/src" for p in PLUGINS))
+    """mypy over core, every plugin and the example plugin."""
+    session.install(
+        "mypy>=1.10",
+        "-e",
+        "./qrm_core[test]",
+        *(f"-e./plugins/{p}" for p in PLUGINS),
+        "-e",
+        f"./{EXAMPLE_PLUGIN}",
+    )
+    session.run("mypy", "qrm_core/src", *(f"plugins/{p}/src" for p in PLUGINS), f"{EXAMPLE_PLUGIN}/src")
