@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -215,3 +216,15 @@ def test_export_root_must_be_its_real_path(core: Settings, tmp_path: Path) -> No
     with pytest.raises(DriverError, match="real path"):
         driver.create_volume(STORAGE, "web", 1)
     assert list((tmp_path / "real").iterdir()) == []
+
+
+def test_a_damaged_record_is_a_clear_error(managed: NfsStorage, tmp_path: Path) -> None:
+    volume = managed.create_volume(STORAGE, "web", 1)
+    (tmp_path / "exports" / ".qrm-nfs.json").write_text(
+        json.dumps({"volumes": {volume.location: {"export_id": "x", "clients": ["10.0.0.5"]}}})
+    )
+    with pytest.raises(DriverError, match="damaged"):
+        managed.sync()
+    (tmp_path / "exports" / ".qrm-nfs.json").write_text("{not json")
+    with pytest.raises(DriverError, match="cannot read"):
+        managed.list_volumes(STORAGE)

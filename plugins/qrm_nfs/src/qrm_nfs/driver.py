@@ -233,13 +233,16 @@ class NfsStorage(StorageDriver):
 
     @staticmethod
     def _exports(state: dict[str, Any]) -> list[ganesha.Export]:
-        return [
-            ganesha.Export(
-                int(v["export_id"]), location, tuple(sorted(v["clients"], key=ipaddress.ip_address))
-            )
-            for location, v in state["volumes"].items()
-            if v.get("clients")
-        ]
+        try:
+            return [
+                ganesha.Export(
+                    int(v["export_id"]), location, tuple(sorted(v["clients"], key=ipaddress.ip_address))
+                )
+                for location, v in state["volumes"].items()
+                if v.get("clients")
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DriverError(f"the NFS export record ({STATE_FILE}) is damaged: {exc}") from None
 
     def _apply(self, root: Path, state: dict[str, Any], *, require_running: bool) -> None:
         """Regenerate the EXPORT file from ``state``, prove it, swap it in, save
