@@ -16,7 +16,11 @@ import qrm_core.testing
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "plugins.md"
-DOCS = [*sorted((REPO / "docs").glob("*.md")), REPO / "docs" / "example-plugin" / "README.md"]
+DOCS = [
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "docs" / "example-plugin" / "README.md",
+    REPO / "CONTRIBUTING.md",
+]
 
 
 def quotes() -> list[tuple[str, str, str]]:
