@@ -54,7 +54,7 @@ def test_resource_events_keep_the_inventory(qrm_ctx, example) -> None:
     qrm_ctx.commit()
     assert inventory.read(path)[0]["state"] == "idle"
 
-    # Core has no update service yet that fires this hook; call it through the facade.
+    # Fire the hook through the facade, as core does when an agent reports new facts.
     moved = resources.show_resource(qrm_ctx, MAC).model_copy(update={"ip": "10.0.0.6"})
     example.hooks.resource_updated(moved, ["ip"], qrm_ctx.hook_ctx)
     assert inventory.read(path)[0]["ip"] == "10.0.0.6"
