@@ -12,7 +12,6 @@ reboot and halt, and boots the machine into its virtual environment. Layout::
     /etc/qrm/modules.load          per module: what to insmod, in order (from modules.dep)
     /etc/qrm/modules.nic           NIC drivers, in load order (fallback when coldplug finds none)
     /etc/qrm/modules.alias         module, ERE, literal prefix: for coldplug matching
-    /etc/qrm/udhcpc.script         -> /init (the agent also handles udhcpc's events)
     /lib/modules/KVER/...          the selected modules, uncompressed, plus modules.dep/alias
 
 Everything is written through :class:`~qrm_core.bootimage.cpio.Archive`, so
@@ -324,7 +323,6 @@ def assemble(
 
     report("adding the node agent", 0.45)
     archive.add_file("init", data=agent if agent is not None else agent_script(), mode=0o755)
-    archive.add_symlink("etc/qrm/udhcpc.script", "/init")
     archive.add_file(
         "etc/qrm/release",
         data=f"kernel={tree.version}\nqrm={__version__}\n".encode(),
@@ -353,7 +351,7 @@ def build_initrd(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     initrd = out_dir / "initrd"
-    total = sum(entry.size() + 128 for entry in archive._sorted())
+    total = archive.content_size()
     report("writing the initrd", 0.47)
     tmp = initrd.with_name(f"initrd.tmp{os.getpid()}")
     try:

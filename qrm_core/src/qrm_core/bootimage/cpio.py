@@ -84,6 +84,10 @@ class Archive:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def content_size(self) -> int:
+        """Roughly how many bytes :meth:`write` produces (for progress displays)."""
+        return sum(entry.size() + 112 + len(entry.path) for entry in self._entries.values())
+
     def paths(self) -> list[str]:
         return [entry.path for entry in self._sorted()]
 

@@ -82,6 +82,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "nfs": NFS_MODULES,
     "packet": PACKET_MODULES,
 }
+#: Buses whose device modaliases the agent matches at boot. Other aliases
+#: (``crypto-*``, ``fs-*``, ``block-major-*``, CPU features) serve the
+#: kernel's own module requests through modprobe, not coldplug.
+COLDPLUG_BUSES = frozenset({"pci", "virtio", "vmbus", "xen", "scsi", "acpi", "usb"})
 #: Groups that must not come out empty: without a NIC driver nothing boots.
 REQUIRED_GROUPS = ("nic",)
 
@@ -249,7 +253,7 @@ def select(
     shipped = set(order)
     aliases = []
     for pattern, module in db.aliases:
-        if module in shipped:
+        if module in shipped and pattern.split(":", 1)[0] in COLDPLUG_BUSES and ":" in pattern:
             converted = glob_to_ere(pattern)
             if converted is not None:
                 aliases.append((converted, literal_prefix(pattern), module))
