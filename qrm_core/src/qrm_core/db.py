@@ -161,16 +161,58 @@ def current_revision(engine: Engine) -> str | None:
         raise DatabaseUnavailable(f"cannot reach the database: {_short(exc)}") from None
 
 
+@contextmanager
+def migration_lock(engine: Engine) -> Iterator[None]:
+    """Serialise schema changes between servers starting at the same time."""
+    backend = engine.dialect.name
+    if backend == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        import fcntl
+
+        path = Path(database).with_name(Path(database).name + ".migrate.lock")
+        with open(path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    try:
+        connection = engine.connect()
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {_short(exc)}") from None
+    try:
+        if backend == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_lock(7434573)")
+        else:
+            connection.exec_driver_sql("SELECT GET_LOCK('qrm_migrate', 600)")
+        connection.commit()
+        yield
+    finally:
+        try:
+            if backend == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_unlock(7434573)")
+            else:
+                connection.exec_driver_sql("SELECT RELEASE_LOCK('qrm_migrate')")
+            connection.commit()
+        finally:
+            connection.close()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Create or upgrade the schema; returns (revision before, revision after)."""
     from alembic import command
 
-    before = current_revision(engine)
-    try:
-        command.upgrade(_alembic_config(engine), revision)
-    except OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot migrate the database: {_short(exc)}") from None
-    return before, current_revision(engine) or ""
+    with migration_lock(engine):
+        before = current_revision(engine)
+        try:
+            command.upgrade(_alembic_config(engine), revision)
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot migrate the database: {_short(exc)}") from None
+        return before, current_revision(engine) or ""
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -64,13 +64,12 @@ def record(
 
 
 def prepare_database(settings: Settings, plugins: PluginSystem) -> None:
-    """Bring the schema up to date (a fresh install needs no separate ``qrm init``)."""
+    """Bring the schema up to date and make sure the admin user exists, as
+    ``qrm init`` does (a fresh install needs no separate step)."""
     from qrm_core.services import setup
 
-    engine = db.get_engine(settings)
-    current = db.current_revision(engine)
-    if current != db.head_revision():
-        result = setup.init(settings, actor="server", plugins=plugins)
+    result = setup.init(settings, actor="server", plugins=plugins)
+    if result.revision_before != result.revision:
         log.info("database prepared: %s -> %s", result.revision_before, result.revision)
 
 

@@ -246,3 +246,47 @@ def qrm_cli(qrm_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunne
     """``qrm`` as the user runs it: entry-point plugins are discovered too."""
     monkeypatch.setenv("COLUMNS", "200")
     return CliRunner()
+
+
+@dataclass
+class RunningServer:
+    url: str
+    server: Any
+    settings: Settings
+    plugins: PluginSystem
+
+    def client(self, user: str | None = "qrm", password: str | None = "qrm", token: str | None = None) -> Any:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        auth = (user, password or "") if user is not None and token is None else None
+        return httpx.Client(base_url=self.url, auth=auth, headers=headers, timeout=30)
+
+    def enrollment_token(self) -> str:
+        from qrm_core.services import service_context, site
+
+        with service_context(self.settings, plugins=self.plugins) as ctx:
+            return site.get_enrollment_token(ctx)
+
+
+@pytest.fixture
+def qrm_server(qrm_settings: Settings) -> Iterator[RunningServer]:
+    """A real ``qrm server`` (HTTP on 127.0.0.1, engine thread) on the test database.
+
+    Plugins are discovered from entry points, as in production. The default
+    admin ``qrm``/``qrm`` exists.
+    """
+    from qrm_core.plugins import get_plugin_system
+    from qrm_core.server import QrmServer
+    from qrm_core.services import service_context, users
+
+    plugins = get_plugin_system(qrm_settings)
+    with service_context(qrm_settings, plugins=plugins) as ctx:
+        users.ensure_admin(ctx, None)
+    server = QrmServer(qrm_settings, plugins, "127.0.0.1", 0, engine_interval=0.2)
+    thread = server.start_in_thread()
+    try:
+        yield RunningServer(url=f"http://127.0.0.1:{server.port}", server=server, settings=qrm_settings, plugins=plugins)
+    finally:
+        server.stop()
+        thread.join(10)

@@ -1,0 +1,187 @@
+"""The REST API and the agent protocol through real HTTP against a running server."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qrm_core.server import QrmServer
+from qrm_core.services import service_context, users
+
+
+def _add_user(srv, name, role, password="pw-" + "x" * 8):
+    with service_context(srv.settings, plugins=srv.plugins) as ctx:
+        users.create_user(ctx, name=name, password=password, role=role)
+    return password
+
+
+def test_health_needs_no_user_and_everything_else_does(qrm_server) -> None:
+    with qrm_server.client(user=None) as anonymous:
+        health = anonymous.get("/api/v1/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        for path in ("/api/v1/storage", "/api/v1/resources", "/api/v1/events", "/metrics", "/api/v1/plugins"):
+            r = anonymous.get(path)
+            assert r.status_code == 401, path
+            assert r.json()["error"]["code"] == "unauthorized"
+    with qrm_server.client(password="wrong") as wrong:
+        assert wrong.get("/api/v1/storage").status_code == 401
+
+
+def test_roles(qrm_server) -> None:
+    pw = _add_user(qrm_server, "viewer1", "viewer")
+    pw2 = _add_user(qrm_server, "op1", "operator")
+    body = {"name": "s1", "type": "fake", "address": "10.0.0.1"}
+    with qrm_server.client("viewer1", pw) as viewer:
+        assert viewer.get("/api/v1/storage").status_code == 200
+        r = viewer.post("/api/v1/storage", json=body)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    with qrm_server.client("op1", pw2) as operator:
+        assert operator.post("/api/v1/storage", json=body).status_code == 201
+        assert operator.get("/api/v1/users").status_code == 403
+        assert operator.post("/api/v1/plugins/fake/disable").status_code == 403
+    with qrm_server.client() as admin:
+        assert admin.get("/api/v1/users").status_code == 200
+    with qrm_server.client() as admin:
+        events = admin.get("/api/v1/events", params={"limit": 5}).json()
+    assert any(e["actor"] == "op1" and e["object_name"] == "s1" for e in events)
+
+
+def test_api_tokens(qrm_server) -> None:
+    with qrm_server.client() as admin:
+        created = admin.post("/api/v1/auth/tokens", json={"name": "ci"})
+        assert created.status_code == 201
+        token = created.json()["token"]
+    with qrm_server.client(token=token) as bearer:
+        assert bearer.get("/api/v1/auth/whoami").json() == {"name": "qrm", "role": "admin", "via": "token"}
+        assert bearer.delete(f"/api/v1/auth/tokens/{created.json()['id']}").status_code == 200
+        assert bearer.get("/api/v1/storage").status_code == 401
+    with qrm_server.client(token="qrm_nonsense") as bogus:
+        assert bogus.get("/api/v1/storage").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, code",
+    [
+        ("POST", "/api/v1/storage", {"name": "x"}, 422, "invalid_input"),
+        ("POST", "/api/v1/storage", {"name": "x", "type": "nosuch", "address": "10.0.0.1"}, 422, "driver_not_found"),
+        ("POST", "/api/v1/storage", {"name": "x y", "type": "fake", "address": "10.0.0.1"}, 422, "invalid_input"),
+        ("POST", "/api/v1/storage", "not json", 422, "invalid_input"),
+        ("GET", "/api/v1/storage/nosuch", None, 404, "not_found"),
+        ("GET", "/api/v1/nosuch", None, 404, "not_found"),
+        ("POST", "/api/v1/ves/nosuch/start", None, 404, "not_found"),
+        ("GET", "/api/v1/resources?limit=0", None, 422, "invalid_input"),
+        ("GET", "/api/v1/resources?state=dancing", None, 422, "invalid_input"),
+        ("PATCH", "/api/v1/ves/x", {"pool_size": "many"}, 422, "invalid_input"),
+        ("DELETE", "/api/v1/resources/zz:zz", None, 404, "not_found"),
+    ],
+)
+def test_errors_are_json_with_stable_codes(qrm_server, method, path, body, status, code) -> None:
+    with qrm_server.client() as admin:
+        kwargs = {"content": body} if isinstance(body, str) else {"json": body} if body is not None else {}
+        if isinstance(body, str):
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        r = admin.request(method, path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["message"]
+
+
+def test_openapi_document(qrm_server) -> None:
+    with qrm_server.client(user=None) as c:
+        doc = c.get("/openapi.json").json()
+    assert "/api/v1/ves/{name}/start" in doc["paths"] and "/agent/v1/register" in doc["paths"]
+
+
+def test_agent_protocol_over_http(qrm_server) -> None:
+    enroll = qrm_server.enrollment_token()
+    body = {"mac": "52:54:00:aa:00:01", "ip": "10.0.0.50", "cpus": 2, "memory_mb": 512}
+    with httpx.Client(base_url=qrm_server.url) as c:
+        assert c.post("/agent/v1/register", json=body).status_code == 401
+        assert c.post("/agent/v1/register", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        bad = c.post("/agent/v1/register", json=dict(body, mac="nonsense"), headers={"Authorization": f"Bearer {enroll}"})
+        assert bad.status_code == 422
+        r = c.post("/agent/v1/register", json=body, headers={"Authorization": f"Bearer {enroll}"})
+        assert r.status_code == 200
+        first = r.json()
+        assert first["state"] == "idle" and first["boot_generation"] == 0
+        again = c.post("/agent/v1/register", json=body, headers={"Authorization": f"Bearer {enroll}"}).json()
+        assert again["resource_id"] == first["resource_id"] and again["token"] != first["token"]
+        beat = {"resource_id": first["resource_id"], "state": "idle", "load": 0.5, "boot_generation": 0}
+        old = c.post("/agent/v1/heartbeat", json=beat, headers={"Authorization": f"Bearer {first['token']}"})
+        assert old.status_code == 401  # the re-registration replaced the token
+        ok = c.post("/agent/v1/heartbeat", json=beat, headers={"Authorization": f"Bearer {again['token']}"})
+        assert ok.json()["command"] == "none"
+        config = c.get(f"/agent/v1/boot/{body['mac']}", headers={"Authorization": f"Bearer {enroll}"})
+        assert config.status_code == 200 and config.json()["mode"] in ("idle", "none")
+        assert c.get(f"/agent/v1/boot/{body['mac']}").status_code == 401
+    with qrm_server.client() as admin:
+        metrics = admin.get("/metrics").text
+    assert 'qrm_resources{state="idle"} 1.0' in metrics
+    assert 'qrm_agent_requests_total{endpoint="register",outcome="ok"}' in metrics
+
+
+def test_boot_files_are_served(qrm_server, tmp_path: Path) -> None:
+    (tmp_path / "k").write_bytes(b"KERNEL" * 1000)
+    (tmp_path / "i").write_bytes(b"INITRD" * 1000)
+    with qrm_server.client() as admin:
+        with open(tmp_path / "k", "rb") as k, open(tmp_path / "i", "rb") as i:
+            r = admin.post("/api/v1/boot-images", data={"name": "idle", "kernel_version": "6.1"},
+                           files={"kernel": k, "initrd": i})
+        assert r.status_code == 201, r.text
+    with httpx.Client(base_url=qrm_server.url) as c:
+        assert c.get("/boot/idle/vmlinuz").content == b"KERNEL" * 1000
+        assert c.get("/boot/idle/initrd").content == b"INITRD" * 1000
+        assert c.get("/boot/idle/passwd").status_code == 422
+        assert c.get("/boot/..%2f..%2fetc/vmlinuz").status_code == 404
+        assert c.get("/boot/nosuch/vmlinuz").status_code == 404
+        script = c.get("/agent/v1/boot/52:54:00:00:00:09/ipxe").text
+    assert script.startswith("#!ipxe") and f"{qrm_server.url}/boot/idle/vmlinuz" in script
+
+
+def test_remote_cli_prints_what_local_cli_prints(qrm_server, qrm_cli) -> None:
+    remote = ["--server", qrm_server.url, "-u", "qrm", "-p", "qrm"]
+    r = qrm_cli(*remote, "storage", "add", "-n", "NFS", "-t", "FAKE", "-i", "10.0.11.35", "-c", "QRMSRC")
+    assert r.exit_code == 0, r.stderr
+    for command in (["storage", "list"], ["storage", "show", "NFS"], ["plugins", "list"]):
+        local = qrm_cli(*command, "-o", "json")
+        over_api = qrm_cli(*remote, *command, "-o", "json")
+        assert local.exit_code == over_api.exit_code == 0
+        assert local.json() == over_api.json()
+    wrong = qrm_cli("--server", qrm_server.url, "-u", "qrm", "-p", "bad", "storage", "list")
+    assert wrong.exit_code == 1 and wrong.stderr == "error: wrong user name or password\n"
+    missing = qrm_cli(*remote, "storage", "add", "-n", "x", "-t", "nosuch", "-i", "10.0.0.1")
+    assert missing.exit_code == 1 and "unknown storage type 'nosuch'" in missing.stderr
+    down = qrm_cli("--server", "http://127.0.0.1:9", "storage", "list")
+    assert down.exit_code == 1 and "cannot reach the qrm server" in down.stderr
+
+
+def test_default_password_refuses_public_address(qrm_settings, qrm_plugins) -> None:
+    from qrm_core.errors import InvalidInput
+
+    with service_context(qrm_settings, plugins=qrm_plugins) as ctx:
+        users.ensure_admin(ctx, None)
+    server = QrmServer(qrm_settings, qrm_plugins, "0.0.0.0", 0)
+    with pytest.raises(InvalidInput, match="default password"):
+        server.prepare()
+    QrmServer(qrm_settings, qrm_plugins, "127.0.0.1", 0).prepare()  # loopback is fine
+    with service_context(qrm_settings, plugins=qrm_plugins) as ctx:
+        users.ensure_admin(ctx, "a-real-password")
+    server.prepare()  # now it may listen publicly
+
+
+def test_server_command_refuses_with_one_line(qrm_settings, tmp_path) -> None:
+    exe = Path(sys.executable).parent / "qrm"
+    result = subprocess.run([str(exe), "server", "--host", "0.0.0.0", "--port", "0"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: refusing to listen on 0.0.0.0") and "Traceback" not in result.stderr
+
+
+def test_busy_port_is_one_line(qrm_server) -> None:
+    port = qrm_server.server.port
+    exe = Path(sys.executable).parent / "qrm"
+    result = subprocess.run([str(exe), "server", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
