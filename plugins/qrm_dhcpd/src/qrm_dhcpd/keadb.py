@@ -1,0 +1,284 @@
+"""Kea's hosts database (PostgreSQL or MySQL/MariaDB): reservations as rows.
+
+Kea 2.2 in Debian 12 ships no ``host_cmds`` hook, so the only built-in way to
+change a reservation in a running Kea without this is ``config-set`` with the
+whole configuration, whose cost grows with the number of reservations. With a
+hosts database Kea looks reservations up per request, so adding, changing or
+removing one is one short transaction on one indexed row: the same work at 10
+resources or at 10,000, and Kea is not touched at all.
+
+The schema is Kea's own (``kea-admin db-init``). qrm owns every reservation
+filed under its subnet id (``QRM_DHCPD_KEA_SUBNET_ID``): a full rewrite
+replaces them all in one transaction, so Kea sees the old set or the new one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import subprocess
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+from qrm_core.errors import InvalidInput, PluginError
+from qrm_dhcpd.hosts import Host, Problem
+
+HW_ADDRESS = 0  # Kea's host_identifier_type for hw-address
+
+#: What may reach Kea's connection parameters (Kea builds a libpq/MySQL
+#: connection string from them, so quotes and spaces must not get through).
+_DB_TOKEN = re.compile(r"^[A-Za-z0-9_.@/+:-]{1,128}$")
+_DB_PASSWORD = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def parse(url_text: str) -> tuple[URL, str]:
+    """The SQLAlchemy URL to connect with and Kea's database type (``postgresql``/``mysql``)."""
+    try:
+        url = make_url(url_text)
+    except ArgumentError:
+        raise InvalidInput("QRM_DHCPD_KEA_HOSTS_DATABASE is not a database URL") from None
+    backend = url.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        kind, driver = "postgresql", "postgresql+psycopg"
+    elif backend in ("mysql", "mariadb"):
+        kind, driver = "mysql", "mysql+pymysql"
+    else:
+        raise InvalidInput(
+            f"QRM_DHCPD_KEA_HOSTS_DATABASE: Kea keeps hosts in PostgreSQL or MySQL/MariaDB, not {backend!r}"
+        )
+    if not url.database:
+        raise InvalidInput("QRM_DHCPD_KEA_HOSTS_DATABASE names no database")
+    return url.set(drivername=driver), kind
+
+
+def kea_params(url_text: str) -> dict[str, Any]:
+    """The ``hosts-database`` map of Kea's configuration for the URL.
+
+    PostgreSQL over a unix socket: ``postgresql://user@/db?host=/run/postgresql``
+    (libpq takes a directory as host). MySQL/MariaDB: host ``localhost`` makes
+    Kea use the server's default unix socket.
+    """
+    url, kind = parse(url_text)
+    host = url.host
+    if kind == "postgresql" and not host:
+        query_host = url.query.get("host")
+        host = query_host if isinstance(query_host, str) else None
+    if kind == "mysql" and (not host or "unix_socket" in url.query):
+        host = "localhost"
+    params: dict[str, Any] = {"type": kind, "name": url.database}
+    if host:
+        params["host"] = host
+    if url.port:
+        params["port"] = int(url.port)
+    if url.username:
+        params["user"] = url.username
+    if url.password:
+        password = str(url.password)
+        if not _DB_PASSWORD.match(password) or "'" in password or "\\" in password:
+            raise InvalidInput("QRM_DHCPD_KEA_HOSTS_DATABASE: the password may not contain quotes or spaces")
+        params["password"] = password
+    for key in ("name", "host", "user"):
+        value = params.get(key)
+        if value is not None and not _DB_TOKEN.match(str(value)):
+            raise InvalidInput(
+                f"QRM_DHCPD_KEA_HOSTS_DATABASE: the {key} {value!r} has characters Kea cannot take"
+            )
+    params["connect-timeout"] = 5
+    return params
+
+
+def engine(url_text: str) -> Engine:
+    """One engine per URL for this process."""
+    with _lock:
+        found = _engines.get(url_text)
+        if found is None:
+            url, _kind = parse(url_text)
+            try:
+                found = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+            except (NoSuchModuleError, ImportError) as exc:
+                raise PluginError(f"no database driver for the Kea hosts database: {exc}") from None
+            _engines[url_text] = found
+        return found
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for found in _engines.values():
+            found.dispose()
+        _engines.clear()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class KeaHostsDb:
+    """Reservations of one subnet in Kea's ``hosts`` table."""
+
+    def __init__(self, url_text: str, subnet_id: int) -> None:
+        self.url_text = url_text
+        self.subnet_id = subnet_id
+        self.engine = engine(url_text)
+
+    def _fail(self, what: str, exc: BaseException) -> PluginError:
+        return PluginError(f"Kea hosts database: cannot {what}: {_short(exc)}")
+
+    # -- checks ----------------------------------------------------------
+
+    def schema_version(self) -> str:
+        """Kea's schema version in the database; a one-line error if there is no Kea schema."""
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.text("SELECT version, minor FROM schema_version")).first()
+        except DBAPIError as exc:
+            text = _short(exc)
+            if "schema_version" in text:
+                raise PluginError(
+                    "the Kea hosts database has no Kea schema; create it with 'qrm dhcpd db-init'"
+                ) from None
+            raise self._fail("connect", exc) from None
+        if row is None:
+            raise PluginError("the Kea hosts database has an empty schema_version table")
+        return f"{row[0]}.{row[1]}"
+
+    def count(self) -> int:
+        try:
+            with self.engine.connect() as conn:
+                return int(
+                    conn.execute(
+                        sa.text("SELECT count(*) FROM hosts WHERE dhcp4_subnet_id = :sid"),
+                        {"sid": self.subnet_id},
+                    ).scalar_one()
+                )
+        except DBAPIError as exc:
+            raise self._fail("count reservations", exc) from None
+
+    def macs(self) -> dict[str, tuple[str | None, str | None]]:
+        """Every reservation of the subnet: MAC -> (address, hostname). For tests and ``status``."""
+        query = sa.text(
+            "SELECT dhcp_identifier, ipv4_address, hostname FROM hosts "
+            "WHERE dhcp4_subnet_id = :sid AND dhcp_identifier_type = :t"
+        )
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query, {"sid": self.subnet_id, "t": HW_ADDRESS}).all()
+        except DBAPIError as exc:
+            raise self._fail("read reservations", exc) from None
+        result = {}
+        for ident, ip, hostname in rows:
+            mac = ":".join(f"{b:02x}" for b in bytes(ident))
+            result[mac] = (str(ipaddress.IPv4Address(int(ip))) if ip is not None else None, hostname)
+        return result
+
+    # -- changes ---------------------------------------------------------
+
+    def _row(self, host: Host) -> dict[str, Any]:
+        return {
+            "ident": bytes.fromhex(host.hex),
+            "t": HW_ADDRESS,
+            "sid": self.subnet_id,
+            "ip": int(host.ip) if host.ip is not None else None,
+            "hostname": host.hostname,
+            "ctx": json.dumps({"qrm": {"resource": host.resource_id}}),
+        }
+
+    _INSERT = sa.text(
+        "INSERT INTO hosts (dhcp_identifier, dhcp_identifier_type, dhcp4_subnet_id, ipv4_address, "
+        "hostname, user_context) VALUES (:ident, :t, :sid, :ip, :hostname, :ctx)"
+    )
+    _DELETE = sa.text(
+        "DELETE FROM hosts WHERE dhcp_identifier = :ident AND dhcp_identifier_type = :t AND dhcp4_subnet_id = :sid"
+    )
+
+    def upsert(self, host: Host) -> list[Problem]:
+        """Put one reservation in place of any older one for the MAC (one transaction)."""
+        problems: list[Problem] = []
+        row = self._row(host)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self._DELETE, row)
+                if row["ip"] is not None:
+                    other = conn.execute(
+                        sa.text(
+                            "SELECT dhcp_identifier FROM hosts WHERE ipv4_address = :ip AND dhcp4_subnet_id = :sid"
+                        ),
+                        row,
+                    ).first()
+                    if other is not None:
+                        owner = ":".join(f"{b:02x}" for b in bytes(other[0]))
+                        problems.append(
+                            Problem(
+                                host.mac,
+                                f"address {host.ip} is already reserved for {owner}; reserved without one",
+                            )
+                        )
+                        row["ip"] = None
+                conn.execute(self._INSERT, row)
+        except DBAPIError as exc:
+            raise self._fail(f"reserve {host.mac}", exc) from None
+        return problems
+
+    def remove(self, mac_hex: str) -> bool:
+        """Drop the reservation of a MAC (12 hex digits); whether there was one."""
+        try:
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    self._DELETE, {"ident": bytes.fromhex(mac_hex), "t": HW_ADDRESS, "sid": self.subnet_id}
+                )
+                return bool(result.rowcount)
+        except DBAPIError as exc:
+            raise self._fail("remove a reservation", exc) from None
+
+    def replace_all(self, hosts: list[Host]) -> None:
+        """Make the subnet's reservations exactly ``hosts``, in one transaction."""
+        rows = [self._row(h) for h in hosts]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    sa.text("DELETE FROM hosts WHERE dhcp4_subnet_id = :sid"),
+                    {"sid": self.subnet_id},
+                )
+                if rows:
+                    conn.execute(self._INSERT, rows)
+        except DBAPIError as exc:
+            raise self._fail("replace the reservations", exc) from None
+
+
+def db_init(url_text: str, kea_admin: str, timeout: float = 120.0) -> str:
+    """Create Kea's schema with ``kea-admin db-init`` (the database itself must exist)."""
+    params = kea_params(url_text)
+    backend = "pgsql" if params["type"] == "postgresql" else "mysql"
+    argv = [kea_admin, "db-init", backend, "-n", params["name"]]
+    if "user" in params:
+        argv += ["-u", params["user"]]
+    if "password" in params:
+        argv += ["-p", params["password"]]
+    if "host" in params:
+        argv += ["-h", params["host"]]
+    if "port" in params:
+        argv += ["-P", str(params["port"])]
+    try:
+        proc = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError:
+        raise PluginError(f"{kea_admin} is not installed (Debian package kea-admin)") from None
+    except subprocess.TimeoutExpired:
+        raise PluginError(f"kea-admin db-init did not finish in {timeout:.0f} s") from None
+    output = (proc.stdout + proc.stderr).decode(errors="replace")
+    if proc.returncode != 0:
+        lines = [line for line in output.splitlines() if "ERROR" in line or "error" in line.lower()]
+        raise PluginError(
+            f"kea-admin db-init failed: {(lines or output.splitlines() or ['no output'])[-1].strip()}"
+        )
+    versions = [line for line in output.splitlines() if "version" in line.lower()]
+    return versions[-1].strip() if versions else "schema created"

@@ -1,0 +1,117 @@
+"""Keeps a real DHCP server (Kea or ISC dhcpd) in step with qrm's resources.
+
+This module is the plugin's ``qrm.plugins`` entry point and is imported by
+every qrm process, so it imports only the settings; the backends (SQL,
+OMAPI, subprocesses) are imported when a hook actually has work to do.
+
+Event hooks never raise: a DHCP server that cannot be updated must not undo
+or hide the resource change that caused it. A failure is logged and recorded
+as an error event of the plugin (``qrm events``); ``qrm dhcpd sync`` brings
+the server back in step from the database at any time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qrm_core import hookimpl
+from qrm_core.errors import QrmError
+from qrm_dhcpd.settings import DhcpdSettings, load_settings
+
+if TYPE_CHECKING:
+    import typer
+
+    from qrm_core.context import BackgroundService, HookContext
+    from qrm_core.models import ResourcePublic
+
+PLUGIN = "dhcpd"
+#: Resource fields that change what the DHCP server hands out.
+DHCP_FIELDS = frozenset({"mac", "ip", "hostname"})
+
+
+def _settings(ctx: HookContext) -> DhcpdSettings | None:
+    """The plugin settings, or None (not configured, or invalid: then logged and recorded)."""
+    try:
+        settings = load_settings()
+    except QrmError as exc:
+        _record_failure(ctx, f"DHCP settings are invalid, no change made: {exc.message}")
+        return None
+    return settings if settings.configured else None
+
+
+def _record_failure(ctx: HookContext, message: str) -> None:
+    ctx.log.error("dhcpd: %s", message)
+    try:
+        from qrm_core.models import EventLevel
+        from qrm_core.services import service_context
+
+        with service_context(ctx.settings, actor=f"plugin:{PLUGIN}") as sctx:
+            sctx.record("plugin", PLUGIN, message, level=EventLevel.ERROR)
+            sctx.commit()
+    except Exception:
+        ctx.log.exception("dhcpd: could not record the failure in the event log")
+
+
+def _apply(ctx: HookContext, action: str, resource: ResourcePublic) -> None:
+    settings = _settings(ctx)
+    if settings is None:
+        return
+    label = resource.hostname or resource.mac
+    try:
+        from qrm_dhcpd.backends import get_backend
+
+        backend = get_backend(settings, ctx.settings)
+        if action == "remove":
+            report = backend.remove(resource.mac)
+        else:
+            report = backend.upsert(
+                mac=resource.mac, ip=resource.ip, hostname=resource.hostname, resource_id=resource.id
+            )
+    except Exception as exc:  # noqa: BLE001 - an event hook must not raise (see module text)
+        text = exc.message if isinstance(exc, QrmError) else f"{type(exc).__name__}: {exc}"
+        _record_failure(
+            ctx, f"DHCP {settings.backend}: could not {action} the reservation of {label}: {text}"
+        )
+        return
+    for problem in report.problems:
+        ctx.log.warning("dhcpd: %s", problem)
+    ctx.log.info("dhcpd: %s %s via %s in %.3f s", report.action, report.mac, report.how, report.seconds)
+
+
+@hookimpl
+def qrm_resource_added(resource: ResourcePublic, ctx: HookContext) -> None:
+    """Reserve the new resource's MAC (with its address and hostname, if known)."""
+    _apply(ctx, "reserve", resource)
+
+
+@hookimpl
+def qrm_resource_updated(resource: ResourcePublic, changed: list[str], ctx: HookContext) -> None:
+    """Follow a change of address or hostname."""
+    if DHCP_FIELDS.intersection(changed):
+        _apply(ctx, "update", resource)
+
+
+@hookimpl
+def qrm_resource_removed(resource: ResourcePublic, ctx: HookContext) -> None:
+    """Drop the reservation of a removed resource."""
+    _apply(ctx, "remove", resource)
+
+
+@hookimpl
+def qrm_collect_services(ctx: HookContext) -> list[BackgroundService]:
+    """The DHCP server itself, when qrm is to run it (``QRM_DHCPD_MANAGE=true``)."""
+    settings = load_settings()
+    if not settings.configured or not settings.manage:
+        return []
+    from qrm_dhcpd.service import ManagedDhcpServer
+
+    service: Any = ManagedDhcpServer(settings, ctx.settings)
+    return [service]
+
+
+@hookimpl
+def qrm_register_commands(app: typer.Typer) -> None:
+    """``qrm dhcpd ...``: show, sync, status, db-init."""
+    from qrm_dhcpd.cli import app as dhcpd_app
+
+    app.add_typer(dhcpd_app, name="dhcpd")

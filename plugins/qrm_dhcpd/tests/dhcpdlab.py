@@ -1,0 +1,182 @@
+"""Helpers for the DHCP tests: a private two-namespace wire, a busybox DHCP client, the plugin's settings.
+
+Network rule: every address lives on a veth pair between two namespaces the
+tests create (``qd<pid><n>s`` server side, ``qd<pid><n>c`` client side) and
+delete afterwards, even when a test fails. Nothing is added to the root
+namespace. Every process is started with Popen and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qrm_core.testing import missing
+
+SERVER_IP = "10.99.0.1"
+SUBNET = "10.99.0.0/24"
+POOL = ("10.99.0.100", "10.99.0.150")
+_counter = itertools.count()
+
+UDHCPC_HOOK = """#!/bin/sh
+# Records what the server offered; configures nothing.
+[ "$1" = bound ] && env > "$QRM_TEST_OFFER"
+exit 0
+"""
+
+
+def need(program: str, package: str) -> str:
+    path = shutil.which(program) or (
+        f"/usr/sbin/{program}" if Path(f"/usr/sbin/{program}").exists() else None
+    )
+    if path is None:
+        missing(program, f"install the Debian package {package} (scripts/system-packages.sh test)")
+    assert path is not None
+    return path
+
+
+def need_root_netns() -> None:
+    if os.geteuid() != 0:
+        missing("network namespaces", "the DHCP tests run as root (ip netns, raw sockets)")
+    need("ip", "iproute2")
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@dataclass
+class Offer:
+    """What udhcpc was offered: the environment its hook script saw."""
+
+    env: dict[str, str]
+
+    @property
+    def ip(self) -> str | None:
+        return self.env.get("ip")
+
+    @property
+    def siaddr(self) -> str | None:
+        return self.env.get("siaddr")
+
+    @property
+    def boot_file(self) -> str | None:
+        return self.env.get("boot_file")
+
+    @property
+    def hostname(self) -> str | None:
+        return self.env.get("hostname")
+
+    def opt(self, code: int) -> str | None:
+        return self.env.get(f"opt{code}")
+
+
+class Wire:
+    """Two namespaces joined by a veth pair; the client side runs busybox udhcpc."""
+
+    def __init__(self, tmp: Path) -> None:
+        n = next(_counter)
+        tag = f"{os.getpid() % 100000}{n}"
+        self.server_ns = f"qd{tag}s"
+        self.client_ns = f"qd{tag}c"
+        self.server_if = f"qd{tag}S"[:15]
+        self.client_if = f"qd{tag}C"[:15]
+        self.tmp = tmp
+        self.hook = tmp / "udhcpc-hook.sh"
+        self.hook.write_text(UDHCPC_HOOK)
+        self.hook.chmod(0o755)
+        self.busybox = need("busybox", "busybox-static")
+
+    def up(self) -> Wire:
+        sh("ip", "netns", "add", self.server_ns)
+        sh("ip", "netns", "add", self.client_ns)
+        sh(
+            "ip", "link", "add", self.server_if, "netns", self.server_ns, "type", "veth",
+            "peer", "name", self.client_if, "netns", self.client_ns,
+        )  # fmt: skip
+        sh("ip", "-n", self.server_ns, "addr", "add", f"{SERVER_IP}/24", "dev", self.server_if)
+        for ns, ifname in ((self.server_ns, self.server_if), (self.client_ns, self.client_if)):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "link", "set", ifname, "up")
+        return self
+
+    def down(self) -> None:
+        for ns in (self.server_ns, self.client_ns):
+            subprocess.run(["ip", "netns", "del", ns], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def dhcp(
+        self,
+        mac: str,
+        *,
+        vendor: str | None = "PXEClient",
+        arch: int | None = None,
+        ipxe: bool = False,
+        hostname: str | None = None,
+        request: tuple[str, ...] = ("hostname",),
+        tries: int = 3,
+    ) -> Offer | None:
+        """One DHCP exchange from ``mac``; the offer, or None if no server answered."""
+        sh("ip", "-n", self.client_ns, "link", "set", self.client_if, "address", mac)
+        sh("ip", "-n", self.client_ns, "addr", "flush", "dev", self.client_if)
+        out = self.tmp / "offer.env"
+        out.unlink(missing_ok=True)
+        argv = ["ip", "netns", "exec", self.client_ns, self.busybox, "udhcpc", "-i", self.client_if]
+        argv += ["-f", "-q", "-n", "-t", str(tries), "-T", "1", "-A", "1", "-s", str(self.hook)]
+        if vendor:
+            argv += ["-V", vendor]
+        if arch is not None:
+            argv += ["-x", f"0x5d:{arch:04x}"]
+        if ipxe:
+            argv += ["-x", "0x4d:" + b"iPXE".hex()]
+        if hostname is not None:
+            argv += ["-x", "0x0c:" + hostname.encode().hex()]
+        for opt in request:
+            argv += ["-O", opt]
+        env = dict(os.environ, QRM_TEST_OFFER=str(out))
+        proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        if proc.returncode != 0 or not out.exists():
+            return None
+        values = {}
+        for line in out.read_text().splitlines():
+            key, _, value = line.partition("=")
+            values[key] = value
+        return Offer(values)
+
+
+def dhcpd_env(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    backend: str,
+    interface: str = "eth-qrm",
+    netns: str | None = None,
+    socket_dir: Path | None = None,
+    **extra: Any,
+) -> None:
+    """Configure the plugin through its environment variables, as a user would."""
+    values = {
+        "BACKEND": backend,
+        "INTERFACE": interface,
+        "SUBNET": SUBNET,
+        "POOL_START": POOL[0],
+        "POOL_END": POOL[1],
+        "ROUTER": SERVER_IP,
+        "DNS_SERVERS": SERVER_IP,
+        "DOMAIN": "lab.example",
+        "NEXT_SERVER": SERVER_IP,
+        "LEASE_TIME": "600",
+        "TIMEOUT": "15",
+    }
+    if netns:
+        values["NETNS"] = netns
+    if socket_dir is not None:
+        values["KEA_CONTROL_SOCKET"] = str(socket_dir / "kea4.sock")
+    values.update({k.upper(): str(v) for k, v in extra.items()})
+    for key, value in values.items():
+        monkeypatch.setenv(f"QRM_DHCPD_{key}", value)

@@ -1,0 +1,140 @@
+"""Kea's hosts database on the real PostgreSQL and MariaDB: reservations as rows, Kea untouched.
+
+Each test creates its own database (``qrm_kea_<pid>_<n>``), creates Kea's
+schema with ``qrm dhcpd db-init`` (``kea-admin``), starts Kea in a namespace
+with ``hosts-database`` pointing at the server's unix socket (a unix socket
+reaches the server from inside a namespace; 127.0.0.1 would not), and drops
+the database afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from dhcpdlab import POOL, Wire, dhcpd_env, need
+from sqlalchemy.engine import make_url
+
+import qrm_dhcpd.plugin
+from qrm_core.config import Settings
+from qrm_core.plugins import PluginSystem
+from qrm_core.services.resources import add_resource, remove_resource
+from qrm_core.testing import missing, server_url
+from qrm_dhcpd.kea import KeaControl
+from qrm_dhcpd.keadb import KeaHostsDb, dispose_engines
+from qrm_dhcpd.service import ManagedDhcpServer
+from qrm_dhcpd.settings import load_settings
+
+pytestmark = pytest.mark.netns
+
+MAC = "52:54:00:12:34:56"
+_counter = itertools.count()
+
+PG_SOCKET_DIR = os.environ.get("QRM_TEST_POSTGRES_SOCKET_DIR", "/var/run/postgresql")
+MYSQL_SOCKET = os.environ.get("QRM_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock")
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def hosts_db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An empty database for Kea's hosts; its URL as the plugin's setting takes it."""
+    kind = request.param
+    name = f"qrm_kea_{os.getpid()}_{next(_counter)}"
+    admin_url = make_url(server_url(kind))
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    quote = '"' if kind == "postgresql" else "`"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {quote}{name}{quote}")
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        missing(kind, f"cannot connect to {admin_url.render_as_string()}: {str(exc.orig).strip()}")
+    if kind == "postgresql":
+        if not Path(PG_SOCKET_DIR).is_dir():
+            missing("PostgreSQL unix socket", f"{PG_SOCKET_DIR} (QRM_TEST_POSTGRES_SOCKET_DIR)")
+        user = admin_url.username or "postgres"
+        url = f"postgresql://{user}@/{name}?host={PG_SOCKET_DIR}"
+    else:
+        if not Path(MYSQL_SOCKET).exists():
+            missing("MariaDB unix socket", f"{MYSQL_SOCKET} (QRM_TEST_MYSQL_SOCKET)")
+        user = admin_url.username or "root"
+        url = f"mysql://{user}@localhost/{name}?unix_socket={MYSQL_SOCKET}"
+    try:
+        yield url
+    finally:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote}{name}{quote}")
+        admin.dispose()
+
+
+def test_reservations_are_rows_in_the_hosts_database(
+    hosts_db_url: str,
+    wire: Wire,
+    short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    qrm_settings: Settings,
+    qrm_ctx,
+    qrm_plugins: PluginSystem,
+    qrm_cli,
+    kea_bin: str,
+) -> None:  # type: ignore[no-untyped-def]
+    need("kea-admin", "kea-admin")
+    dhcpd_env(
+        monkeypatch,
+        backend="kea",
+        interface=wire.server_if,
+        netns=wire.server_ns,
+        socket_dir=short_dir,
+        kea_hosts_database=hosts_db_url,
+    )
+    # before db-init: a clear error, nothing started
+    with pytest.raises(Exception, match=r"no Kea schema.*db-init"):
+        ManagedDhcpServer(load_settings(), qrm_settings).start()
+    result = qrm_cli("dhcpd", "db-init")
+    assert result.exit_code == 0, result.stderr
+
+    qrm_plugins.register(qrm_dhcpd.plugin, "dhcpd")
+    add_resource(qrm_ctx, mac="52:54:00:00:00:01", ip="10.99.0.21", hostname="early")
+    managed = ManagedDhcpServer(load_settings(), qrm_settings)
+    managed.start()
+    try:
+        db = KeaHostsDb(hosts_db_url, 1)
+        assert db.macs() == {"52:54:00:00:00:01": ("10.99.0.21", "early")}
+        control = KeaControl(managed.backend.paths.control_socket)
+        before = control.command("config-get")["arguments"]["Dhcp4"]
+
+        add_resource(qrm_ctx, mac=MAC, ip="10.99.0.42", hostname="node42")
+        assert db.macs()[MAC] == ("10.99.0.42", "node42")
+        offer = wire.dhcp(MAC)
+        assert offer is not None and (offer.ip, offer.hostname, offer.boot_file) == (
+            "10.99.0.42",
+            "node42",
+            "undionly.kpxe",
+        )
+
+        # a second resource claiming the same address is reserved by name only
+        add_resource(qrm_ctx, mac="52:54:00:00:00:02", ip="10.99.0.42", hostname="clash")
+        assert db.macs()["52:54:00:00:00:02"] == (None, "clash")
+
+        remove_resource(qrm_ctx, MAC)
+        assert MAC not in db.macs()
+        after = wire.dhcp(MAC)
+        assert after is not None and after.ip != "10.99.0.42" and after.hostname is None
+        assert POOL[0] <= (after.ip or "") <= POOL[1]
+
+        # Kea's configuration never changed: the rows did all the work
+        answer = control.command("config-get")["arguments"]["Dhcp4"]
+        assert answer == before
+        assert answer["subnet4"][0].get("reservations", []) == []
+        assert managed.process is not None and managed.process.poll() is None
+
+        # a full rewrite replaces the subnet's rows in one transaction
+        result = qrm_cli("dhcpd", "sync")
+        assert result.exit_code == 0, result.stderr
+        assert set(db.macs()) == {"52:54:00:00:00:01", "52:54:00:00:00:02"}
+    finally:
+        managed.stop()
