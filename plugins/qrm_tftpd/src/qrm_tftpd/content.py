@@ -82,7 +82,7 @@ class BootSource(Protocol):
 
 def normalise_name(raw: str) -> str:
     """A requested file name as a clean relative path, or a :class:`TftpError`."""
-    if not raw or len(raw) > MAX_NAME or not _PRINTABLE.match(raw):
+    if not raw or len(raw) > MAX_NAME or not _PRINTABLE.fullmatch(raw):
         raise TftpError(ERR_ACCESS, "invalid file name")
     if "\\" in raw:
         raise TftpError(ERR_ACCESS, "invalid file name: backslash")
@@ -214,15 +214,15 @@ class ContentResolver:
         name = normalise_name(raw_name)
         if name == "boot.ipxe":
             return Content.of_bytes(self._boot_ipxe, "boot.ipxe")
-        match = IPXE_NAME.match(name)
+        match = IPXE_NAME.fullmatch(name)
         if match:
             return self._generated(match.group(1), "ipxe")
-        match = PXELINUX_NAME.match(name)
+        match = PXELINUX_NAME.fullmatch(name)
         if match:
             return self._generated(match.group(1), "pxelinux")
         if name.startswith("ipxe/") and name.endswith(".ipxe"):
             raise TftpError(ERR_NOT_FOUND, "file not found (not a MAC address)")
-        match = BOOT_FILE_NAME.match(name)
+        match = BOOT_FILE_NAME.fullmatch(name)
         if match:
             content = self.source.boot_file(match.group(1), match.group(2))
             if content is not None:
@@ -245,7 +245,7 @@ class ContentResolver:
             return self.ipxe_dir / name
         if name in PXELINUX_FILES:
             return self.pxelinux_dir / name
-        if SYSLINUX_MODULE.match(name):
+        if SYSLINUX_MODULE.fullmatch(name):
             return self.syslinux_modules_dir / name
         return None
 

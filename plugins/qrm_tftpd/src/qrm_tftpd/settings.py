@@ -111,7 +111,7 @@ class TftpSettings(BaseSettings):
         if value is None or value.strip() == "":
             return None
         value = value.strip().rstrip("/")
-        if not URL_RE.match(value):
+        if not URL_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a plain http(s) URL")
         return value
 
