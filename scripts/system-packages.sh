@@ -11,6 +11,8 @@ test_pkgs=(
   iproute2 procps curl
   # qrm_nfs: nfs-ganesha (VFS) with rpcbind in a netns; libnfs + showmount as clients
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common
+  # qrm_dhcpd: Kea (kea-admin creates its hosts-database schema), ISC dhcpd; busybox udhcpc is the client
+  kea-dhcp4-server kea-admin isc-dhcp-server busybox-static
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;
