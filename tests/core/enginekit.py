@@ -25,6 +25,7 @@ class Node:
     """A machine running the qrm agent, driven step by step (no threads)."""
 
     mac: str
+    ip: str | None = None
     cpus: int = 2
     memory_mb: int = 2048
     hypervisors: list[str] = field(default_factory=list)
@@ -42,11 +43,14 @@ class Node:
         self.generation = config.boot_generation
         self.mode = config.mode if config.mode != "none" else "idle"
         self.ve = config.ve
+        if self.ip is None:
+            last = [int(x, 16) for x in self.mac.split(":")[-2:]]
+            self.ip = f"198.18.{last[0]}.{last[1]}"
         with service_context(settings, actor="agent", plugins=plugins) as ctx:
             reg = agent.register(
                 ctx,
                 mac=self.mac,
-                ip=None,
+                ip=self.ip,
                 cpus=self.cpus,
                 memory_mb=self.memory_mb,
                 hypervisors=self.hypervisors,

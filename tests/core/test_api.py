@@ -65,8 +65,20 @@ def test_api_tokens(qrm_server) -> None:
     "method, path, body, status, code",
     [
         ("POST", "/api/v1/storage", {"name": "x"}, 422, "invalid_input"),
-        ("POST", "/api/v1/storage", {"name": "x", "type": "nosuch", "address": "10.0.0.1"}, 422, "driver_not_found"),
-        ("POST", "/api/v1/storage", {"name": "x y", "type": "fake", "address": "10.0.0.1"}, 422, "invalid_input"),
+        (
+            "POST",
+            "/api/v1/storage",
+            {"name": "x", "type": "nosuch", "address": "10.0.0.1"},
+            422,
+            "driver_not_found",
+        ),
+        (
+            "POST",
+            "/api/v1/storage",
+            {"name": "x y", "type": "fake", "address": "10.0.0.1"},
+            422,
+            "invalid_input",
+        ),
         ("POST", "/api/v1/storage", "not json", 422, "invalid_input"),
         ("GET", "/api/v1/storage/nosuch", None, 404, "not_found"),
         ("GET", "/api/v1/nosuch", None, 404, "not_found"),
@@ -99,8 +111,15 @@ def test_agent_protocol_over_http(qrm_server) -> None:
     body = {"mac": "52:54:00:aa:00:01", "ip": "10.0.0.50", "cpus": 2, "memory_mb": 512}
     with httpx.Client(base_url=qrm_server.url) as c:
         assert c.post("/agent/v1/register", json=body).status_code == 401
-        assert c.post("/agent/v1/register", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-        bad = c.post("/agent/v1/register", json=dict(body, mac="nonsense"), headers={"Authorization": f"Bearer {enroll}"})
+        assert (
+            c.post("/agent/v1/register", json=body, headers={"Authorization": "Bearer nope"}).status_code
+            == 401
+        )
+        bad = c.post(
+            "/agent/v1/register",
+            json=dict(body, mac="nonsense"),
+            headers={"Authorization": f"Bearer {enroll}"},
+        )
         assert bad.status_code == 422
         r = c.post("/agent/v1/register", json=body, headers={"Authorization": f"Bearer {enroll}"})
         assert r.status_code == 200
@@ -127,8 +146,11 @@ def test_boot_files_are_served(qrm_server, tmp_path: Path) -> None:
     (tmp_path / "i").write_bytes(b"INITRD" * 1000)
     with qrm_server.client() as admin:
         with open(tmp_path / "k", "rb") as k, open(tmp_path / "i", "rb") as i:
-            r = admin.post("/api/v1/boot-images", data={"name": "idle", "kernel_version": "6.1"},
-                           files={"kernel": k, "initrd": i})
+            r = admin.post(
+                "/api/v1/boot-images",
+                data={"name": "idle", "kernel_version": "6.1"},
+                files={"kernel": k, "initrd": i},
+            )
         assert r.status_code == 201, r.text
     with httpx.Client(base_url=qrm_server.url) as c:
         assert c.get("/boot/idle/vmlinuz").content == b"KERNEL" * 1000
@@ -173,15 +195,20 @@ def test_default_password_refuses_public_address(qrm_settings, qrm_plugins) -> N
 
 def test_server_command_refuses_with_one_line(qrm_settings, tmp_path) -> None:
     exe = Path(sys.executable).parent / "qrm"
-    result = subprocess.run([str(exe), "server", "--host", "0.0.0.0", "--port", "0"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(exe), "server", "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
-    assert result.stderr.startswith("error: refusing to listen on 0.0.0.0") and "Traceback" not in result.stderr
+    assert (
+        result.stderr.startswith("error: refusing to listen on 0.0.0.0") and "Traceback" not in result.stderr
+    )
 
 
 def test_busy_port_is_one_line(qrm_server) -> None:
     port = qrm_server.server.port
     exe = Path(sys.executable).parent / "qrm"
-    result = subprocess.run([str(exe), "server", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(exe), "server", "--port", str(port)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr

@@ -1,6 +1,5 @@
 """The engine through the services: placement, boot generations, failover, stop."""
 
-
 import pytest
 from enginekit import Site
 from sqlmodel import select
@@ -41,6 +40,10 @@ def test_single_ve_starts_runs_and_stops(site, qrm_ctx) -> None:
     assert a.mode == "ve" and a.ve == "web"
     assert _res(site.settings, site.plugins, a.mac).state == "active"
 
+    fake = site.plugins.storage_driver("fake")
+    target = storage.target(storage.get_storage_row(qrm_ctx, "st"))
+    assert [(v.location, v.exported_to) for v in fake.list_volumes(target)] == [("/exports/root", (a.ip,))]
+
     ves.stop_ve(qrm_ctx, "web")
     assert _ve(site.settings, site.plugins, "web").state == "stopping"
     site.settle(3)
@@ -48,6 +51,7 @@ def test_single_ve_starts_runs_and_stops(site, qrm_ctx) -> None:
     assert web.state == "stopped" and web.resources == []
     assert a.mode == "idle"
     assert _res(site.settings, site.plugins, a.mac).state == "idle"
+    assert [v.exported_to for v in fake.list_volumes(target)] == [()]
 
 
 def test_old_os_heartbeats_do_not_flip_the_resource_back(site, qrm_ctx) -> None:
@@ -156,7 +160,7 @@ def test_partitioned_ve_creates_a_vm_on_a_host(site, qrm_ctx) -> None:
     ves.start_ve(qrm_ctx, "vmve")
     site.reconciler.tick()
     driver = site.plugins.hypervisor_driver("fake")
-    from qrm_core.engine.reconciler import host_target
+    from qrm_core.services.partitions import host_target
 
     with service_context(site.settings, plugins=site.plugins) as ctx:
         host_row = ctx.session.exec(select(Resource).where(Resource.mac == host.mac)).one()
@@ -172,6 +176,25 @@ def test_partitioned_ve_creates_a_vm_on_a_host(site, qrm_ctx) -> None:
     assert vm_row.kind == "virtual" and vm_row.host == host.mac and vm_row.hypervisor == "fake"
     vmve = _ve(site.settings, site.plugins, "vmve")
     assert vmve.state == "running" and vmve.resources == [vm.mac] and vmve.problem == ""
+
+    from qrm_core.errors import InUse
+    from qrm_core.services import partitions
+
+    with pytest.raises(InUse, match="serves a virtual environment"):
+        partitions.remove_partition(qrm_ctx, "vmve-1")
+    ves.stop_ve(qrm_ctx, "vmve")
+    site.settle(3)
+    removed = partitions.remove_partition(qrm_ctx, "vmve-1")
+    assert removed.host == host.mac
+    del site.nodes[vm.mac]
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        assert (
+            driver.list_partitions(
+                host_target(ctx.session.exec(select(Resource).where(Resource.mac == host.mac)).one())
+            )
+            == []
+        )
+        assert ctx.session.exec(select(Resource).where(Resource.mac == vm.mac)).first() is None
 
 
 def test_partition_without_room_explains(site, qrm_ctx) -> None:

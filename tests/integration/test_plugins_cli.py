@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from integration_support import BROKEN_DRIVER, BROKEN_PLUGIN, EXAMPLE_DISTRIBUTION, run_python, run_qrm
 
 import qrm_core
@@ -108,12 +107,6 @@ def test_disable_persists_across_processes_and_enable_restores(qrm_cli, qrm_sett
     assert [r["mac"] for r in json.loads(fresh.stdout)] == [MAC, LATER_MAC]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="core: the error for a driver disabled with its plugin names the driver, and "
-    "'qrm plugins enable <driver>' does not enable it (see the integration report)",
-)
 def test_the_hint_for_a_driver_disabled_with_its_plugin_works(qrm_cli) -> None:
     assert qrm_cli("init").exit_code == 0
     assert qrm_cli("plugins", "disable", "example").exit_code == 0

@@ -36,6 +36,7 @@ class PluginPublic(BaseModel):
     missing: list[str]
     description: str
     entry_point: str
+    disabled_by: str | None = None
 
 
 class HealthPublic(BaseModel):
@@ -102,6 +103,7 @@ class Client(Protocol):
     def resource_reboot(self, ref: str) -> ResourcePublic: ...
     def resource_halt(self, ref: str) -> ResourcePublic: ...
     def partition_list(self) -> list[PartitionPublic]: ...
+    def partition_remove(self, name: str, host: str | None) -> PartitionPublic: ...
 
     def events(self, limit: int, after_id: int | None) -> list[EventPublic]: ...
 
@@ -328,14 +330,16 @@ class LocalClient:
             return resources.show_resource(ctx, ref)
 
     def partition_list(self) -> list[PartitionPublic]:
-        from sqlmodel import col, select
-
-        from qrm_core.models import Partition
-        from qrm_core.services import public
+        from qrm_core.services import partitions
 
         with self._ctx() as ctx:
-            rows = ctx.session.exec(select(Partition).order_by(col(Partition.id))).all()
-            return public.partitions(ctx.session, rows)
+            return partitions.list_partitions(ctx)
+
+    def partition_remove(self, name: str, host: str | None) -> PartitionPublic:
+        from qrm_core.services import partitions
+
+        with self._ctx() as ctx:
+            return partitions.remove_partition(ctx, name, host)
 
     # -- events ----------------------------------------------------------
 
@@ -577,6 +581,12 @@ class RemoteClient:
 
     def partition_list(self) -> list[PartitionPublic]:
         return [PartitionPublic.model_validate(x) for x in self._get("/partitions")]
+
+    def partition_remove(self, name: str, host: str | None) -> PartitionPublic:
+        params = {"host": host} if host else None
+        return PartitionPublic.model_validate(
+            self._request("DELETE", f"/partitions/{_q(name)}", params=params)
+        )
 
     # -- events, plugins, users -----------------------------------------
 

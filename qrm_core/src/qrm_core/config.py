@@ -28,6 +28,11 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("qrm", appauthor=False))
 
 
+def config_file() -> Path:
+    """The TOML file settings are read from (plugins read their own tables from it)."""
+    return _config_file()
+
+
 def _config_file() -> Path:
     explicit = os.environ.get("QRM_CONFIG")
     if explicit:

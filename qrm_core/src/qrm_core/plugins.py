@@ -74,6 +74,7 @@ class EntryPointRecord:
     error: str | None = None
     missing: list[str] = field(default_factory=list)
     description: str = ""
+    disabled_by: str | None = None  # the plugin whose disabling disabled this driver
 
     @property
     def kind(self) -> str:
@@ -102,6 +103,7 @@ class EntryPointRecord:
             "missing": list(self.missing),
             "description": self.description,
             "entry_point": self.value,
+            "disabled_by": self.disabled_by,
         }
 
 
@@ -344,21 +346,24 @@ class PluginSystem:
             # plugin objects themselves; drivers are always discovered.
             plugin_records = installed_entry_points(PLUGIN_GROUP) if self._discover_plugins else []
             disabled_dists = {
-                r.distribution
+                r.distribution: r.name
                 for r in plugin_records
                 if r.name in self.disabled and r.distribution not in (None, CORE_DISTRIBUTION)
             }
             for group in (PLUGIN_GROUP, *DRIVER_GROUPS):
                 records = plugin_records if group == PLUGIN_GROUP else installed_entry_points(group)
                 for record in records:
-                    record.enabled = record.name not in self.disabled and (
-                        record.distribution not in disabled_dists
-                    )
+                    by_plugin = disabled_dists.get(record.distribution) if record.distribution else None
+                    record.enabled = record.name not in self.disabled and by_plugin is None
+                    if record.name not in self.disabled and by_plugin is not None:
+                        record.disabled_by = by_plugin
                     self.records[(group, record.name)] = record
+            # qrm_configure is historic: started here, each plugin is configured
+            # inside its own register(), where a failure is contained.
+            self.pm.hook.qrm_configure.call_historic(kwargs={"settings": self.settings})
             for record in plugin_records:
                 if record.enabled and record.error is None:
                     self._load_plugin(record)
-            self.pm.hook.qrm_configure.call_historic(kwargs={"settings": self.settings})
             return self
 
     def _load_plugin(self, record: EntryPointRecord) -> None:
@@ -384,9 +389,15 @@ class PluginSystem:
             self.records[(PLUGIN_GROUP, name)] = record
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - pluggy validation errors and the like
+        except pluggy.PluginValidationError as exc:
             record.error = f"invalid hook implementation: {exc}"
             log.warning("plugin %s rejected: %s", name, record.error)
+            return False
+        except Exception as exc:  # noqa: BLE001 - its qrm_configure raised
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            record.error = f"qrm_configure failed: {type(exc).__name__}: {exc}"
+            log.warning("plugin %s broken: %s", name, record.error)
             return False
         unknown = [caller.name for caller in (self.pm.get_hookcallers(plugin) or []) if not caller.has_spec()]
         if unknown:
@@ -477,6 +488,12 @@ class PluginSystem:
         available = self.driver_names(group)
         if key not in available:
             record = self.records.get((group, key))
+            if record is not None and not record.enabled and record.disabled_by:
+                raise PluginError(
+                    f"{KIND_BY_GROUP[group]} driver {key!r} is disabled because plugin {record.disabled_by!r} "
+                    f"is; enable it with 'qrm plugins enable {record.disabled_by}'",
+                    name=key,
+                )
             if record is not None and not record.enabled:
                 raise PluginError(
                     f"{KIND_BY_GROUP[group]} driver {key!r} is disabled; "

@@ -286,7 +286,9 @@ def qrm_server(qrm_settings: Settings) -> Iterator[RunningServer]:
     server = QrmServer(qrm_settings, plugins, "127.0.0.1", 0, engine_interval=0.2)
     thread = server.start_in_thread()
     try:
-        yield RunningServer(url=f"http://127.0.0.1:{server.port}", server=server, settings=qrm_settings, plugins=plugins)
+        yield RunningServer(
+            url=f"http://127.0.0.1:{server.port}", server=server, settings=qrm_settings, plugins=plugins
+        )
     finally:
         server.stop()
         thread.join(10)

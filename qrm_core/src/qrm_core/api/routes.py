@@ -20,7 +20,6 @@ from qrm_core.models import (
     BootImagePublic,
     EventPublic,
     FilesystemImagePublic,
-    Partition,
     PartitionPublic,
     ResourcePublic,
     StorageServerPublic,
@@ -32,8 +31,8 @@ from qrm_core.services import (
     agent,
     boot_images,
     events,
+    partitions,
     plugin_state,
-    public,
     resources,
     storage,
     users,
@@ -383,8 +382,12 @@ def resource_halt(user: Operator, ctx: Ctx, ref: str) -> ResourcePublic:
 
 @router.get("/partitions", tags=["partitions"])
 def partition_list(user: Viewer, ctx: Ctx) -> list[PartitionPublic]:
-    rows = ctx.session.exec(select(Partition).order_by(Partition.id)).all()  # type: ignore[arg-type]
-    return public.partitions(ctx.session, rows)
+    return partitions.list_partitions(ctx)
+
+
+@router.delete("/partitions/{name}", tags=["partitions"])
+def partition_remove(user: Operator, ctx: Ctx, name: str, host: str | None = None) -> PartitionPublic:
+    return partitions.remove_partition(ctx, name, host)
 
 
 # ---------------------------------------------------------------------------

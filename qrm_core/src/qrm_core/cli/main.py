@@ -143,7 +143,14 @@ PLUGIN_COLUMNS = [
     ("VERSION", lambda p: p.version),
     ("DISTRIBUTION", lambda p: p.distribution),
     ("STATUS", lambda p: p.status),
-    ("PROBLEM", lambda p: p.error or (("missing: " + ", ".join(p.missing)) if p.missing else "")),
+    (
+        "PROBLEM",
+        lambda p: (
+            p.error
+            or (f"disabled with plugin {p.disabled_by}" if p.disabled_by else "")
+            or (("missing: " + ", ".join(p.missing)) if p.missing else "")
+        ),
+    ),
 ]
 PARTITION_COLUMNS = [
     ("NAME", lambda p: p.name),
@@ -638,6 +645,21 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def partition_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
         """List partitions."""
         show_list(_client(ctx).partition_list(), PARTITION_COLUMNS, output, "Partitions")
+
+    @partition_app.command("remove")
+    def partition_remove(
+        ctx: typer.Context,
+        name: str,
+        host: Annotated[
+            str | None, typer.Option("--host", help="host resource, if the name is not unique")
+        ] = None,
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Destroy a partition (its VM) that serves no virtual environment."""
+        result = _client(ctx).partition_remove(name, host)
+        message(f"destroyed partition {result.name} on {result.host}", output)
+        if output is Output.json:
+            show_one(result, output)
 
     # -- events ----------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Core knows a backend by name (a storage server's ``type``, a partition's
 ``hypervisor``) and loads exactly that driver through stevedore
-(:mod:`qrm_core.drivers.factory`). Drivers receive plain value objects, never
+(:meth:`qrm_core.plugins.PluginSystem.storage_driver` and ``hypervisor_driver``). Drivers receive plain value objects, never
 database rows or sessions, so they can be tested against the real backend
 alone. Every operation that changes something validates first: call
 ``validate_*`` (fast, no I/O) before acting, as Ironic does.
@@ -99,7 +99,8 @@ class StorageDriver(BaseDriver):
     @abc.abstractmethod
     def validate_location(self, storage: StorageTarget, location: str) -> None:
         """Check that ``location`` names a volume this driver understands
-        (an export path, an iSCSI target name). No I/O."""
+        (an export path, an iSCSI target name). Fast: no network I/O (a
+        driver managing local storage may look at local paths)."""
 
     @abc.abstractmethod
     def create_volume(self, storage: StorageTarget, name: str, size_mb: int) -> VolumeInfo:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlmodel import col, select
 
-from qrm_core.drivers.base import HostTarget, PartitionSpec
+from qrm_core.drivers.base import PartitionSpec
 from qrm_core.engine.scheduler import Candidate, CandidatePool, Requirements
 from qrm_core.errors import QrmError
 from qrm_core.models import (
@@ -56,6 +56,7 @@ from qrm_core.models import (
 )
 from qrm_core.services import ServiceContext, public, service_context
 from qrm_core.services.agent import release
+from qrm_core.services.partitions import host_target
 from qrm_core.services.resources import transition
 
 if TYPE_CHECKING:
@@ -89,18 +90,6 @@ class TickReport:
         )
 
 
-def host_target(row: Resource) -> HostTarget:
-    assert row.id is not None
-    return HostTarget(
-        resource_id=row.id,
-        mac=row.mac,
-        address=row.ip,
-        hostname=row.hostname,
-        cpus=row.cpus,
-        memory_mb=row.memory_mb,
-    )
-
-
 class Reconciler:
     """Runs reconcile passes against the configured database."""
 
@@ -114,6 +103,15 @@ class Reconciler:
         self.settings = settings
         self.plugins = plugins
         self.clock = clock
+        # resource id -> VE id whose filesystem image it must be given access to
+        self._exports: dict[int, int] = {}
+        self._export_failures: dict[int, str] = {}
+        self._exports_verified = False
+
+    def became_leader(self) -> None:
+        """Re-check every member's export on the next pass (a previous leader may
+        have died between an assignment and its export)."""
+        self._exports_verified = False
 
     def tick(self) -> TickReport:
         report = TickReport()
@@ -122,6 +120,7 @@ class Reconciler:
             ("failures", self._detect_failures),
             ("failover", self._failover),
             ("placement", self._place),
+            ("exports", self._export),
             ("partitions", self._partitions),
             ("states", self._derive_states),
         ):
@@ -327,6 +326,7 @@ class Reconciler:
             if result.rowcount == 1:
                 done += 1
                 assigned.append((ve, cand.id))
+                self._exports[cand.id] = int(ve.id or 0)
                 ctx.record("ve", ve.name, f"resource {cand.id} assigned to {ve.name}; reboot ordered")
         if assigned and (
             ctx.hooks.wants("qrm_ve_resource_assigned") or ctx.hooks.wants("qrm_resource_state_changed")
@@ -344,6 +344,52 @@ class Reconciler:
 
             ctx.after_commit(notify)
         return done
+
+    # -- exports ---------------------------------------------------------
+
+    def _export(self, ctx: ServiceContext, now: datetime, report: TickReport) -> None:
+        """Give newly assigned resources access to their VE's filesystem image."""
+        from qrm_core.services.storage import export_to
+
+        if not self._exports_verified:
+            for rid, ve_id in ctx.session.exec(
+                select(Resource.id, Resource.ve_id).where(
+                    col(Resource.ve_id).is_not(None), col(Resource.state).in_(BOUND_STATES)
+                )
+            ):
+                self._exports.setdefault(rid, ve_id)
+            self._exports_verified = True
+        for rid, ve_id in sorted(self._exports.items()):
+            row = ctx.session.get(Resource, rid)
+            if row is None or row.ve_id != ve_id:
+                self._exports.pop(rid, None)
+                self._export_failures.pop(rid, None)
+                continue
+            try:
+                export_to(ctx, ve_id, row)
+            except QrmError as exc:
+                if self._export_failures.get(rid) != exc.message:
+                    self._export_failures[rid] = exc.message
+                    ve = ctx.session.get(VirtualEnvironment, ve_id)
+                    ctx.record(
+                        "ve",
+                        ve.name if ve else str(ve_id),
+                        f"cannot export the filesystem image to {public.resource_label(row)}: {exc.message}",
+                        level=EventLevel.ERROR,
+                    )
+                    if ve is not None:
+                        self._set_problem(
+                            ctx,
+                            ve,
+                            f"cannot export the filesystem image to {public.resource_label(row)}: {exc.message}",
+                        )
+                continue
+            self._exports.pop(rid, None)
+            if self._export_failures.pop(rid, None) is not None:
+                ve = ctx.session.get(VirtualEnvironment, ve_id)
+                if ve is not None:
+                    self._set_problem(ctx, ve, "")
+        ctx.commit()
 
     # -- 4. partitions ---------------------------------------------------
 

@@ -69,6 +69,8 @@ class EngineRunner:
                 leader = self.lock.try_acquire()
                 if leader != self.is_leader:
                     log.info("engine: %s", "leader, reconciling" if leader else "follower, waiting")
+                    if leader:
+                        self.reconciler.became_leader()
                 self.is_leader = leader
                 if leader:
                     report = self.reconciler.tick()

@@ -13,6 +13,7 @@ picked up from its state files and boot as simulated VMs.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import random
@@ -30,6 +31,7 @@ log = logging.getLogger("qrm.lab")
 @dataclass
 class NodeSpec:
     mac: str
+    ip: str | None = None
     cpus: int = 2
     memory_mb: int = 2048
     hypervisors: list[str] = field(default_factory=list)
@@ -52,6 +54,11 @@ class SimStats:
             return 0.0
         span = self.last_registration_at - self.first_registration_at
         return self.registrations / span if span > 0 else 0.0
+
+
+def ip_for(index: int) -> str:
+    """A simulated machine's address, from the benchmarking range 198.18.0.0/15 (never routed)."""
+    return str(ipaddress.IPv4Address("198.18.0.0") + (index % 131072))
 
 
 def mac_for(index: int, prefix: int = 0x02) -> str:
@@ -92,7 +99,7 @@ class SimulatedNode:
         self.ve = config.get("ve")
         body = {
             "mac": self.spec.mac,
-            "ip": None,
+            "ip": self.spec.ip,
             "cpus": self.spec.cpus,
             "memory_mb": self.spec.memory_mb,
             "hypervisors": self.spec.hypervisors,
@@ -213,7 +220,11 @@ class Simulation:
             for mac, partition in running.items():
                 if mac not in vms:
                     vms.add(mac)
-                    self.add(NodeSpec(mac=mac, cpus=partition["cpus"], memory_mb=partition["memory_mb"]))
+                    tail = [int(part, 16) for part in mac.split(":")[3:]]
+                    ip = f"100.{64 + (tail[0] & 63)}.{tail[1]}.{tail[2]}"  # shared address space
+                    self.add(
+                        NodeSpec(mac=mac, ip=ip, cpus=partition["cpus"], memory_mb=partition["memory_mb"])
+                    )
             for mac in list(vms - set(running)):
                 vms.discard(mac)
                 self.remove(mac)  # powered off or fenced: the VM's agent goes silent

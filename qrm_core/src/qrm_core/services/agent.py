@@ -18,8 +18,9 @@ from typing import Literal
 
 from sqlmodel import select
 
-from qrm_core.errors import AuthError, InvalidInput, NotFound
+from qrm_core.errors import AuthError, InvalidInput, NotFound, QrmError
 from qrm_core.models import (
+    EventLevel,
     Partition,
     Resource,
     ResourceKind,
@@ -77,11 +78,25 @@ def release(ctx: ServiceContext, row: Resource, reason: str, *, reboot: bool) ->
         _order_reboot(ctx, row, reason)
     ctx.session.add(row)
     ctx.record("ve", ve.name, f"resource {public.resource_label(row)} released: {reason}")
+    ve_id = ve.id
+    assert ve_id is not None
 
-    def notify() -> None:
+    def withdraw() -> None:
+        from qrm_core.services.storage import unexport_from
+
+        try:
+            unexport_from(ctx, ve_id, row)
+        except QrmError as exc:
+            ctx.record(
+                "ve",
+                ve_public.name,
+                f"could not withdraw {public.resource_label(row)}'s access to the filesystem image: {exc.message}",
+                level=EventLevel.ERROR,
+            )
+            ctx.commit()
         ctx.hooks.ve_resource_released(ve_public, public.one_resource(ctx.session, row), ctx.hook_ctx)
 
-    ctx.after_commit(notify)
+    ctx.after_commit(withdraw)
 
 
 def register(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from sqlmodel import col, select
 
-from qrm_core.drivers.base import StorageDriver, StorageTarget
+from qrm_core.drivers.base import ExportClient, StorageDriver, StorageTarget
 from qrm_core.errors import AlreadyExists, InUse, InvalidInput, NotFound
 from qrm_core.models import (
     FilesystemImage,
     FilesystemImagePublic,
     ImageOrigin,
     ImageState,
+    Resource,
     StorageServer,
     StorageServerPublic,
     VirtualEnvironment,
@@ -205,3 +206,35 @@ def remove_filesystem_image(ctx: ServiceContext, name: str, *, purge: bool = Fal
     ctx.commit()
     ctx.hooks.filesystem_image_removed(result, ctx.hook_ctx)
     return result
+
+
+# ---------------------------------------------------------------------------
+# Exports to the machines that boot a VE's filesystem image
+# ---------------------------------------------------------------------------
+
+
+def _ve_volume(ctx: ServiceContext, ve_id: int) -> tuple[StorageServer, FilesystemImage]:
+    ve = ctx.session.get(VirtualEnvironment, ve_id)
+    if ve is None:
+        raise NotFound(f"virtual environment {ve_id} does not exist")
+    fs = ctx.session.get(FilesystemImage, ve.fs_image_id)
+    assert fs is not None
+    storage_row = ctx.session.get(StorageServer, fs.storage_id)
+    assert storage_row is not None
+    return storage_row, fs
+
+
+def _client(resource: Resource) -> ExportClient:
+    return ExportClient(mac=resource.mac, ip=resource.ip, hostname=resource.hostname)
+
+
+def export_to(ctx: ServiceContext, ve_id: int, resource: Resource) -> None:
+    """Give ``resource`` access to the VE's filesystem image before it boots into it."""
+    storage_row, fs = _ve_volume(ctx, ve_id)
+    driver_for(ctx, storage_row).export_volume(target(storage_row), fs.location, _client(resource))
+
+
+def unexport_from(ctx: ServiceContext, ve_id: int, resource: Resource) -> None:
+    """Withdraw ``resource``'s access to the VE's filesystem image (it left the VE)."""
+    storage_row, fs = _ve_volume(ctx, ve_id)
+    driver_for(ctx, storage_row).unexport_volume(target(storage_row), fs.location, _client(resource))
