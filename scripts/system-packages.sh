@@ -13,6 +13,9 @@ test_pkgs=(
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common
   # qrm_dhcpd: Kea (kea-admin creates its hosts-database schema), ISC dhcpd; busybox udhcpc is the client
   kea-dhcp4-server kea-admin isc-dhcp-server busybox-static
+  # qrm_tftpd: boot loaders it serves; tftpd-hpa/tftp-hpa/curl for clients and the benchmark;
+  # QEMU runs Debian's iPXE and pxelinux against it in a netns
+  ipxe pxelinux syslinux-common tftpd-hpa tftp-hpa qemu-system-x86
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;

@@ -457,6 +457,7 @@ class TftpServer:
                 raise TftpError(ERR_ILLEGAL, f"transfer mode {parsed.mode[:20]!r} is not supported")
         except TftpError as exc:
             self.stats.bad_packets += 1
+            log.info("tftp: %s:%d: %s: %r", *client, exc.message, packet[:100])
             self._refuse(client, local, exc.code, exc.message)
             return
         if len(self._sessions) + len(self._pending) >= self.max_sessions:
