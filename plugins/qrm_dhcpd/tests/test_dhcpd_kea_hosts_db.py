@@ -132,9 +132,25 @@ def test_reservations_are_rows_in_the_hosts_database(
         assert answer["subnet4"][0].get("reservations", []) == []
         assert managed.process is not None and managed.process.poll() is None
 
-        # a full rewrite replaces the subnet's rows in one transaction
+        # a full rewrite puts the subnet's rows right in one transaction, touching only what is wrong
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE hosts SET hostname = 'tampered' WHERE hostname = 'early'"))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO hosts (dhcp_identifier, dhcp_identifier_type, dhcp4_subnet_id, hostname) "
+                    "VALUES (:i, 0, 1, 'stranger')"
+                ),
+                {"i": bytes.fromhex("525400ffffff")},
+            )
         result = qrm_cli("dhcpd", "sync")
         assert result.exit_code == 0, result.stderr
-        assert set(db.macs()) == {"52:54:00:00:00:01", "52:54:00:00:00:02"}
+        # early was tampered with: replaced; stranger: deleted; node42 is gone, so clash now gets .42
+        assert "2 rows inserted, 3 deleted, 0 already right" in " ".join(result.stdout.split())
+        assert db.macs() == {
+            "52:54:00:00:00:01": ("10.99.0.21", "early"),
+            "52:54:00:00:00:02": ("10.99.0.42", "clash"),
+        }
+        again = qrm_cli("dhcpd", "sync")
+        assert "0 rows inserted, 0 deleted, 2 already right" in " ".join(again.stdout.split())
     finally:
         managed.stop()

@@ -215,8 +215,11 @@ class KeaBackend(Backend):
             applied = []
             if db is not None:
                 db.schema_version()
-                db.replace_all(hosts.hosts)
-                applied.append(f"{len(hosts.hosts)} reservations in the hosts database")
+                counts = db.replace_all(hosts.hosts)
+                applied.append(
+                    f"hosts database: {counts['inserted']} rows inserted, {counts['deleted']} deleted, "
+                    f"{counts['kept']} already right"
+                )
             t6 = time.perf_counter()
             if apply and (db is None or report.changed) and self.running():
                 self.control.config_set(config)
@@ -393,9 +396,8 @@ class IscBackend(Backend):
             return "dhcpd is not running: the file takes effect when it starts"
         counts = {"added": 0, "replaced": 0, "unchanged": 0, "removed": 0}
         with omapi:
-            wanted = set()
+            wanted = {host.mac for host in hosts}
             for host in hosts:
-                wanted.add(host.mac)
                 counts[omapi.upsert(host)] += 1
             for mac in sorted(previous - wanted):
                 if omapi.delete(mac):

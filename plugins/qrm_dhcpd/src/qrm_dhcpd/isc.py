@@ -189,13 +189,15 @@ class Omapi:
         except (OSError, self._p.OmapiError) as exc:
             raise PluginError(f"OMAPI request to ISC dhcpd failed: {exc}") from None
 
-    def lookup(self, mac: str) -> OmapiHost | None:
-        """The host object of a MAC, if dhcpd has one."""
+    def _lookup_message(self, mac: str) -> Any:
         p = self._p
         msg = p.OmapiMessage.open(b"host")
         msg.obj.append((b"hardware-address", p.pack_mac(mac)))
         msg.obj.append((b"hardware-type", struct.pack("!I", 1)))
-        answer = self._query(msg)
+        return msg
+
+    def _found(self, answer: Any) -> OmapiHost | None:
+        p = self._p
         if answer.opcode != p.OMAPI_OP_UPDATE:
             return None
         obj = dict(answer.obj)
@@ -205,6 +207,10 @@ class Omapi:
             name=obj.get(b"name", b"").decode(errors="replace"),
             ip=p.unpack_ip(ip) if ip else None,
         )
+
+    def lookup(self, mac: str) -> OmapiHost | None:
+        """The host object of a MAC, if dhcpd has one."""
+        return self._found(self._query(self._lookup_message(mac)))
 
     def delete(self, mac: str) -> bool:
         """Remove the host object of a MAC (static or added live); whether there was one."""

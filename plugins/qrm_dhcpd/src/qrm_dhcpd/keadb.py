@@ -238,19 +238,46 @@ class KeaHostsDb:
         except DBAPIError as exc:
             raise self._fail("remove a reservation", exc) from None
 
-    def replace_all(self, hosts: list[Host]) -> None:
-        """Make the subnet's reservations exactly ``hosts``, in one transaction."""
-        rows = [self._row(h) for h in hosts]
+    def replace_all(self, hosts: list[Host]) -> dict[str, int]:
+        """Make the subnet's reservations exactly ``hosts``, in one transaction.
+
+        Rows that are already right stay untouched; only stale rows are
+        deleted and only missing ones inserted, so a rewrite that changes
+        little costs one read of the subnet's rows. Kea sees the old set or
+        the new one, never a mix.
+        """
+        wanted = {row["ident"]: row for row in (self._row(h) for h in hosts)}
+        keep: set[bytes] = set()
+        stale: list[int] = []
+        query = sa.text(
+            "SELECT host_id, dhcp_identifier, dhcp_identifier_type, ipv4_address, hostname, user_context "
+            "FROM hosts WHERE dhcp4_subnet_id = :sid"
+        )
+        delete = sa.text("DELETE FROM hosts WHERE host_id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True)
+        )
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    sa.text("DELETE FROM hosts WHERE dhcp4_subnet_id = :sid"),
-                    {"sid": self.subnet_id},
-                )
+                for host_id, ident, kind, ip, hostname, ctx in conn.execute(query, {"sid": self.subnet_id}):
+                    key = bytes(ident)
+                    row = wanted.get(key) if kind == HW_ADDRESS else None
+                    same = row is not None and (row["ip"], row["hostname"], row["ctx"]) == (
+                        None if ip is None else int(ip),
+                        hostname,
+                        ctx,
+                    )
+                    if same and key not in keep:
+                        keep.add(key)
+                    else:
+                        stale.append(int(host_id))
+                for start in range(0, len(stale), 1000):
+                    conn.execute(delete, {"ids": stale[start : start + 1000]})
+                rows = [row for key, row in wanted.items() if key not in keep]
                 if rows:
                     conn.execute(self._INSERT, rows)
         except DBAPIError as exc:
             raise self._fail("replace the reservations", exc) from None
+        return {"kept": len(keep), "deleted": len(stale), "inserted": len(rows)}
 
 
 def db_init(url_text: str, kea_admin: str, timeout: float = 120.0) -> str:

@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""DHCP benchmark: full rewrites and single changes at 100 / 1,000 / 10,000 resources.
+
+What it measures, per backend (Kea, ISC dhcpd) and size, with the real
+servers (run as root; they live in a network namespace this script creates
+and deletes; nothing is sent outside it):
+
+* full rewrite, server not running: read the resources from the qrm database
+  (SQLite), render, write the temporary file, check it with the real tool
+  (``kea-dhcp4 -t`` / ``dhcpd -t``), swap it in; each step and the total;
+* full rewrite with the server running: the same plus bringing the server up
+  to date (Kea: ``config-test`` + ``config-set``; ISC: one OMAPI lookup per
+  host, nothing to change);
+* one change (a new resource reserved, then removed), as the resource hooks
+  do it: Kea ``config-set`` (whole configuration), Kea hosts database
+  (PostgreSQL and MariaDB: one row), ISC OMAPI (one host object).
+
+Usage (from the repository root, in a virtualenv with qrm-core and qrm-dhcpd):
+
+    sudo .venv/bin/python bench/dhcp/bench_dhcp.py                 # 100, 1000, 10000
+    sudo .venv/bin/python bench/dhcp/bench_dhcp.py --sizes 1000 --changes 5 --no-db
+
+Results: a Markdown table on stdout and JSON in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from qrm_core import db
+from qrm_core.config import Settings
+from qrm_core.models import Resource
+
+from qrm_dhcpd.backends import Backend, get_backend
+from qrm_dhcpd.keadb import db_init, dispose_engines
+from qrm_dhcpd.service import ManagedDhcpServer
+from qrm_dhcpd.settings import DhcpdSettings
+
+SUBNET = ipaddress.ip_network("10.98.0.0/16")
+SERVER = "10.98.0.1"
+FIRST_RESERVED = ipaddress.ip_address("10.98.1.0")
+PG_SOCKET_DIR = os.environ.get("QRM_TEST_POSTGRES_SOCKET_DIR", "/var/run/postgresql")
+MYSQL_SOCKET = os.environ.get("QRM_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock")
+PG_ADMIN = os.environ.get("QRM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MYSQL_ADMIN = os.environ.get("QRM_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def mac(i: int) -> str:
+    return "52:54:" + ":".join(f"{(i >> s) & 255:02x}" for s in (24, 16, 8, 0))
+
+
+def run(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@contextmanager
+def namespace() -> Iterator[tuple[str, str]]:
+    tag = f"qdb{os.getpid() % 100000}"
+    srv, cli = f"{tag}s", f"{tag}c"
+    run("ip", "netns", "add", srv)
+    try:
+        run("ip", "netns", "add", cli)
+        run(
+            "ip",
+            "link",
+            "add",
+            f"{tag}S",
+            "netns",
+            srv,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"{tag}C",
+            "netns",
+            cli,
+        )
+        run("ip", "-n", srv, "addr", "add", f"{SERVER}/16", "dev", f"{tag}S")
+        run("ip", "-n", srv, "link", "set", "lo", "up")
+        run("ip", "-n", srv, "link", "set", f"{tag}S", "up")
+        yield srv, f"{tag}S"
+    finally:
+        for ns in (srv, cli):
+            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+def core_settings(workdir: Path, size: int) -> Settings:
+    core = Settings(data_dir=workdir / "data", database_url=f"sqlite:///{workdir}/qrm.db", actor="bench")
+    engine = db.get_engine(core)
+    db.upgrade(engine)
+    rows = [
+        {
+            "mac": mac(i),
+            "ip": str(FIRST_RESERVED + i),
+            "hostname": f"node{i}",
+            "kind": "physical",
+            "state": "idle",
+            "capabilities": [],
+        }
+        for i in range(size)
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Resource), rows)
+    return core
+
+
+def dhcpd_settings(backend: str, netns: str, interface: str, workdir: Path, **extra: Any) -> DhcpdSettings:
+    return DhcpdSettings(
+        backend=backend,
+        interface=interface,
+        subnet=SUBNET,
+        pool_start="10.98.0.100",
+        pool_end="10.98.0.200",
+        router=SERVER,
+        next_server=SERVER,
+        netns=netns,
+        state_dir=workdir / f"state-{backend}",
+        kea_control_socket=Path(tempfile.mkdtemp(prefix="qdb")) / "kea4.sock",
+        timeout=60,
+        **extra,
+    )
+
+
+def median_of(values: list[dict[str, float]]) -> dict[str, float]:
+    keys = values[0].keys()
+    return {k: statistics.median(v[k] for v in values) for k in keys}
+
+
+def timed(func: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    func()
+    return time.perf_counter() - t0
+
+
+def change_cost(backend: Backend, core: Settings, size: int, changes: int) -> dict[str, float]:
+    """Median seconds to reserve one new resource and to release it again, as the hooks do."""
+    engine = db.get_engine(core)
+    add, remove = [], []
+    for n in range(changes):
+        i = size + 1000 + n
+        row = {"mac": mac(i), "ip": str(FIRST_RESERVED + i), "hostname": f"new{i}", "kind": "physical",
+               "state": "idle", "capabilities": []}  # fmt: skip
+        with engine.begin() as conn:
+            rid = conn.execute(sa.insert(Resource).values(**row)).inserted_primary_key[0]
+        add.append(
+            timed(
+                lambda: backend.upsert(
+                    mac=row["mac"], ip=row["ip"], hostname=row["hostname"], resource_id=rid
+                )
+            )
+        )
+        with engine.begin() as conn:
+            conn.execute(sa.delete(Resource).where(Resource.id == rid))
+        remove.append(timed(lambda: backend.remove(row["mac"])))
+    return {"add": statistics.median(add), "remove": statistics.median(remove)}
+
+
+def bench_backend(
+    name: str, label: str, settings: DhcpdSettings, core: Settings, size: int, repeat: int, changes: int
+) -> dict[str, Any]:
+    backend = get_backend(settings, core)
+    result: dict[str, Any] = {"backend": label, "size": size}
+    if settings.kea_hosts_database is None:
+        offline = [backend.full_sync().timings for _ in range(repeat)]
+        result["offline"] = median_of(offline)
+    server = ManagedDhcpServer(settings, core)
+    t_start = timed(server.start)
+    try:
+        result["start"] = t_start
+        live = [backend.full_sync().timings for _ in range(repeat)]
+        result["live"] = median_of(live)
+        result["change"] = change_cost(backend, core, size, changes)
+        assert server.process is not None and server.process.poll() is None, "server died"
+    finally:
+        server.stop()
+    return result
+
+
+@contextmanager
+def hosts_database(kind: str, name: str) -> Iterator[str | None]:
+    admin_url = PG_ADMIN if kind == "postgresql" else MYSQL_ADMIN
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    quote = '"' if kind == "postgresql" else "`"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {quote}{name}{quote}")
+    except sa.exc.OperationalError as exc:
+        print(f"# {kind} not reachable ({str(exc.orig).strip()}); skipped", file=sys.stderr)
+        yield None
+        return
+    if kind == "postgresql":
+        url = f"postgresql://{sa.engine.make_url(admin_url).username or 'postgres'}@/{name}?host={PG_SOCKET_DIR}"
+    else:
+        url = f"mysql://{sa.engine.make_url(admin_url).username or 'root'}@localhost/{name}?unix_socket={MYSQL_SOCKET}"
+    try:
+        db_init(url, "kea-admin")
+        yield url
+    finally:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote}{name}{quote}")
+        admin.dispose()
+
+
+def versions() -> dict[str, str]:
+    def out(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "kea": out("kea-dhcp4", "-V"),
+        "dhcpd": out("dpkg-query", "-W", "-f=${Version}", "isc-dhcp-server"),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds * 1000:.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.1f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--repeat", type=int, default=3, help="full rewrites per measurement (median)")
+    parser.add_argument("--changes", type=int, default=10, help="single changes per measurement (median)")
+    parser.add_argument(
+        "--no-db", action="store_true", help="skip Kea's hosts database (PostgreSQL, MariaDB)"
+    )
+    parser.add_argument("--backends", default="kea,isc")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (network namespaces)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results: list[dict[str, Any]] = []
+    with namespace() as (netns, interface):
+        for size in sizes:
+            workdir = Path(tempfile.mkdtemp(prefix="qrm-dhcp-bench-"))
+            try:
+                core = core_settings(workdir, size)
+                for name in args.backends.split(","):
+                    settings = dhcpd_settings(name, netns, interface, workdir)
+                    results.append(bench_backend(name, name, settings, core, size, args.repeat, args.changes))
+                    print(f"# {name} {size}: {json.dumps(results[-1])}", file=sys.stderr)
+                if not args.no_db and "kea" in args.backends:
+                    for kind in ("postgresql", "mysql"):
+                        with hosts_database(kind, f"qrm_kea_bench_{os.getpid()}_{size}") as url:
+                            if url is None:
+                                continue
+                            settings = dhcpd_settings(
+                                "kea", netns, interface, workdir / kind, kea_hosts_database=url
+                            )
+                            label = f"kea+{'pgsql' if kind == 'postgresql' else 'mariadb'}"
+                            results.append(
+                                bench_backend("kea", label, settings, core, size, args.repeat, args.changes)
+                            )
+                            print(f"# {label} {size}: {json.dumps(results[-1])}", file=sys.stderr)
+            finally:
+                db.dispose_engines()
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    machine = versions()
+    print(f"Machine: {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}, "
+          f"Python {machine['python']}, {machine['kea']}, ISC dhcpd {machine['dhcpd']}, load {machine['load']}")  # fmt: skip
+    print()
+    print("Full rewrite (median of %d; read = qrm database, check = the real tool):" % args.repeat)
+    print()
+    print(
+        "| backend | resources | read | render | write | check | swap | total (server down) | total (server up) | of which: apply |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        off, live = r.get("offline"), r["live"]
+        src = off or live
+        print(
+            f"| {r['backend']} | {r['size']:,} | {fmt(src['read'])} | {fmt(src['render'])} | {fmt(src['write'])} | "
+            f"{fmt(src['check'])} | {fmt(src.get('swap'))} | {fmt(off['total']) if off else '–'} | "
+            f"{fmt(live['total'])} | {fmt(live.get('apply', 0) + live.get('hosts_db', 0))} |"
+        )
+    print()
+    print("One change, as the resource hooks make it (median of %d):" % args.changes)
+    print()
+    print("| backend | path | resources | reserve one | release one |")
+    print("|---|---|---:|---:|---:|")
+    paths = {"kea": "config-set (config-test first)", "isc": "OMAPI", "kea+pgsql": "hosts database (PostgreSQL)",
+             "kea+mariadb": "hosts database (MariaDB)"}  # fmt: skip
+    for r in results:
+        c = r["change"]
+        print(
+            f"| {r['backend']} | {paths[r['backend']]} | {r['size']:,} | {fmt(c['add'])} | {fmt(c['remove'])} |"
+        )
+    out_dir = Path(__file__).resolve().parents[1] / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"dhcp-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1))
+    print(f"\nraw results: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
