@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
 from qrm_core import db
 from qrm_core.config import Settings
 from qrm_core.models import Resource
-
 from qrm_dhcpd.backends import Backend, get_backend
 from qrm_dhcpd.keadb import db_init, dispose_engines
 from qrm_dhcpd.service import ManagedDhcpServer
@@ -153,20 +153,26 @@ def change_cost(backend: Backend, core: Settings, size: int, changes: int) -> di
     add, remove = [], []
     for n in range(changes):
         i = size + 1000 + n
-        row = {"mac": mac(i), "ip": str(FIRST_RESERVED + i), "hostname": f"new{i}", "kind": "physical",
-               "state": "idle", "capabilities": []}  # fmt: skip
+        new_mac, new_ip, new_name = mac(i), str(FIRST_RESERVED + i), f"new{i}"
+        row = {
+            "mac": new_mac,
+            "ip": new_ip,
+            "hostname": new_name,
+            "kind": "physical",
+            "state": "idle",
+            "capabilities": [],
+        }
         with engine.begin() as conn:
-            rid = conn.execute(sa.insert(Resource).values(**row)).inserted_primary_key[0]
-        add.append(
-            timed(
-                lambda: backend.upsert(
-                    mac=row["mac"], ip=row["ip"], hostname=row["hostname"], resource_id=rid
-                )
-            )
-        )
+            key = conn.execute(sa.insert(Resource).values(**row)).inserted_primary_key
+            rid = int(key[0]) if key is not None else None
+        t0 = time.perf_counter()
+        backend.upsert(mac=new_mac, ip=new_ip, hostname=new_name, resource_id=rid)
+        add.append(time.perf_counter() - t0)
         with engine.begin() as conn:
             conn.execute(sa.delete(Resource).where(Resource.id == rid))
-        remove.append(timed(lambda: backend.remove(row["mac"])))
+        t0 = time.perf_counter()
+        backend.remove(new_mac)
+        remove.append(time.perf_counter() - t0)
     return {"add": statistics.median(add), "remove": statistics.median(remove)}
 
 
@@ -291,7 +297,7 @@ def main() -> int:
     print(f"Machine: {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}, "
           f"Python {machine['python']}, {machine['kea']}, ISC dhcpd {machine['dhcpd']}, load {machine['load']}")  # fmt: skip
     print()
-    print("Full rewrite (median of %d; read = qrm database, check = the real tool):" % args.repeat)
+    print(f"Full rewrite (median of {args.repeat}; read = qrm database, check = the real tool):")
     print()
     print(
         "| backend | resources | read | render | write | check | swap | total (server down) | total (server up) | of which: apply |"
@@ -306,7 +312,7 @@ def main() -> int:
             f"{fmt(live['total'])} | {fmt(live.get('apply', 0) + live.get('hosts_db', 0))} |"
         )
     print()
-    print("One change, as the resource hooks make it (median of %d):" % args.changes)
+    print(f"One change, as the resource hooks make it (median of {args.changes}):")
     print()
     print("| backend | path | resources | reserve one | release one |")
     print("|---|---|---:|---:|---:|")
