@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlmodel import col
 
 from qrm_core import db
 from qrm_core.config import Settings
@@ -169,7 +170,7 @@ def change_cost(backend: Backend, core: Settings, size: int, changes: int) -> di
         backend.upsert(mac=new_mac, ip=new_ip, hostname=new_name, resource_id=rid)
         add.append(time.perf_counter() - t0)
         with engine.begin() as conn:
-            conn.execute(sa.delete(Resource).where(Resource.id == rid))
+            conn.execute(sa.delete(Resource).where(col(Resource.id) == rid))
         t0 = time.perf_counter()
         backend.remove(new_mac)
         remove.append(time.perf_counter() - t0)
