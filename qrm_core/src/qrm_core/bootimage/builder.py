@@ -276,6 +276,7 @@ def assemble(
 ) -> tuple[Archive, Selection]:
     """Describe the initrd of ``tree`` (nothing is compressed yet)."""
     report = _Reporter(progress)
+    applets = busybox_applets(busybox)  # fail fast, before the expensive part
     report("computing module dependencies", 0.10)
     modules_dir = kernels.ensure_modules_dep(tree, work_dir)
     db = ModuleDb.read(modules_dir)
@@ -317,7 +318,7 @@ def assemble(
 
     report("adding busybox", 0.42)
     archive.add_file("bin/busybox", source=busybox, mode=0o755)
-    for applet in busybox_applets(busybox):
+    for applet in applets:
         if applet != "bin/busybox":
             archive.add_symlink(applet, "/bin/busybox")
 

@@ -138,6 +138,16 @@ def from_deb(deb: Path, version: str, work_dir: Path) -> KernelTree:
     package, package_version = deb_fields(deb)
     if not package.startswith(PACKAGE_PREFIX):
         raise InvalidInput(f"{deb} is package {package}, not a kernel package ({PACKAGE_PREFIX}...)")
+    # Debian names kernel packages after the release they hold: check before
+    # spending seconds unpacking ~400 MB.
+    named = package.removeprefix(PACKAGE_PREFIX).removesuffix("-unsigned")
+    if not any(ch.isdigit() for ch in named):
+        raise InvalidInput(
+            f"{deb.name} is the metapackage {package}; use the package it depends on "
+            f"(apt-cache depends {package})"
+        )
+    if named != version:
+        raise InvalidInput(f"{deb.name} holds kernel {named}, not {version} (give -k {named})")
     root = work_dir / "kernel-package"
     if root.exists():
         shutil.rmtree(root)

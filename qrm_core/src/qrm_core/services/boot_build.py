@@ -24,7 +24,7 @@ from sqlmodel import select
 from qrm_core.bootimage import builder
 from qrm_core.bootimage import kernel as kernels
 from qrm_core.config import Settings
-from qrm_core.errors import AlreadyExists, QrmError
+from qrm_core.errors import AlreadyExists, InvalidInput, QrmError
 from qrm_core.models import BootImage, BootImagePublic
 from qrm_core.services import ServiceContext, boot_images
 from qrm_core.services import validation as v
@@ -58,11 +58,13 @@ def create_boot_image(
     extra_modules: Iterable[str] = (),
     comment: str | None = None,
     busybox: str | Path | None = None,
+    kernel_tree: kernels.KernelTree | None = None,
 ) -> BootImagePublic:
     """Build a boot image for kernel ``kernel_version`` and record it as ``name``.
 
     The kernel comes from ``kernel_deb`` (a ``linux-image-*.deb`` file), from
-    ``apt-get download`` when ``download`` is set, or from ``/boot``. The
+    ``apt-get download`` when ``download`` is set, or from ``/boot``; a caller
+    that has already unpacked one (a lab, a test) passes ``kernel_tree``. The
     initrd is byte-identical for identical inputs.
     """
     name = v.name(name, "boot image name")
@@ -75,14 +77,19 @@ def create_boot_image(
     deb = Path(kernel_deb).expanduser() if kernel_deb is not None else None
     with tempfile.TemporaryDirectory(prefix="build-", dir=_work_parent(ctx.settings)) as tmp:
         work = Path(tmp)
-        tree = builder.resolve_kernel(
-            kernel_version,
-            work_dir=work,
-            kernel_deb=deb,
-            download=download,
-            cache_dir=kernel_cache_dir(ctx.settings),
-            progress=progress,
-        )
+        if kernel_tree is not None:
+            if kernel_tree.version != kernel_version:
+                raise InvalidInput(f"the kernel given is {kernel_tree.version}, not {kernel_version}")
+            tree = kernel_tree
+        else:
+            tree = builder.resolve_kernel(
+                kernel_version,
+                work_dir=work,
+                kernel_deb=deb,
+                download=download,
+                cache_dir=kernel_cache_dir(ctx.settings),
+                progress=progress,
+            )
         result = builder.build_initrd(
             tree,
             work / "out",

@@ -1,0 +1,410 @@
+"""Test helpers for boot images and the node agent: network namespaces, a DHCP
+server, a protocol peer, and QEMU.
+
+Everything runs inside network namespaces the tests create (``ip netns``):
+addresses live only there, processes started there are tracked by PID and
+stopped by PID, and the namespaces are deleted afterwards.
+
+:class:`AgentPeer` is an INTERIM protocol peer: a small real HTTP server that
+implements docs/agent-protocol.md strictly (unknown fields and wrong types are
+422, wrong tokens 401), so the agent is checked against the protocol text.
+It stands in for ``qrm server``, whose agent endpoints were not yet in git
+when these tests were written; the end-to-end tests of the server itself boot
+these images against the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=60)
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, *, group: bool = False, timeout: float = 5) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: by PID (or by the process group we created)."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def kill_pidfile(path: Path) -> None:
+    """Stop a daemon that wrote its PID to ``path`` (udhcpc forks into the background)."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class Netns:
+    """A network namespace owned by a test (unique name with the PID)."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"qrm{tag}{os.getpid()}"[:15]
+        run("ip", "netns", "add", self.name)
+        self.ip("link", "set", "lo", "up")
+
+    def ip(self, *args: str) -> str:
+        return run("ip", "-n", self.name, *args).stdout
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)
+
+    def listen(self, address: str, port: int) -> socket.socket:
+        """A TCP socket listening inside this namespace (created from a thread that entered it)."""
+        result: dict[str, Any] = {}
+
+        def create() -> None:
+            try:
+                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+                try:
+                    if _libc.setns(fd, CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns failed")
+                finally:
+                    os.close(fd)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((address, port))
+                sock.listen(64)
+                result["sock"] = sock
+            except Exception as exc:
+                result["error"] = exc
+
+        # The thread's network namespace dies with it; the socket stays where it was made.
+        thread = threading.Thread(target=create)
+        thread.start()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["sock"]
+
+    def delete(self) -> None:
+        run("ip", "netns", "del", self.name, check=False)
+
+
+def applet_dir(base: Path) -> Path:
+    """A directory of busybox applet symlinks, so a test agent uses the same tools as the initrd."""
+    directory = base / "busybox-bin"
+    if not directory.is_dir():
+        directory.mkdir(parents=True)
+        run("/bin/busybox", "--install", "-s", str(directory))
+    return directory
+
+
+class Udhcpd:
+    """busybox udhcpd serving a pool on one interface of a namespace."""
+
+    def __init__(self, netns: Netns, interface: str, work: Path, start: str, end: str) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.leases = work / "udhcpd.leases"
+        self.leases.touch()
+        config = work / "udhcpd.conf"
+        config.write_text(
+            f"start {start}\nend {end}\ninterface {interface}\nmax_leases 50\n"
+            f"lease_file {self.leases}\npidfile {work / 'udhcpd.pid'}\n"
+            "option subnet 255.255.255.0\noption lease 600\n"
+        )
+        self.log = open(work / "udhcpd.log", "wb")
+        self.proc = netns.popen(
+            ["/bin/busybox", "udhcpd", "-f", str(config)], stdout=self.log, stderr=self.log
+        )
+        time.sleep(0.2)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"udhcpd failed: {(work / 'udhcpd.log').read_text()}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------
+# The interim protocol peer
+# ---------------------------------------------------------------------------
+
+REGISTER_FIELDS: dict[str, tuple[type, ...]] = {
+    "mac": (str,),
+    "ip": (str, type(None)),
+    "cpus": (int,),
+    "memory_mb": (int,),
+    "hostname": (str, type(None)),
+    "hypervisors": (list,),
+    "boot_generation": (int,),
+    "mode": (str,),
+    "ve": (str, type(None)),
+}
+REGISTER_REQUIRED = {"mac", "cpus", "memory_mb"}
+HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {
+    "resource_id": (int,),
+    "state": (str,),
+    "load": (int, float, type(None)),
+    "boot_generation": (int,),
+}
+
+
+@dataclass
+class PeerResource:
+    id: int
+    mac: str
+    token: str
+    facts: dict[str, Any]
+    state: str
+    heartbeats: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    time: float
+    method: str
+    path: str
+    client: str
+    status: int
+    body: Any = None
+
+
+class AgentPeer:
+    """INTERIM stand-in for ``qrm server``'s ``/agent/v1`` endpoints (see the module docstring)."""
+
+    def __init__(self, enrollment_token: str, heartbeat_interval: float = 1.0) -> None:
+        self.enrollment_token = enrollment_token
+        self.heartbeat_interval = heartbeat_interval
+        self.resources: dict[str, PeerResource] = {}
+        self.requests: list[Request] = []
+        self.files: dict[str, bytes] = {}
+        #: If set, called with the request path; a non-None bytes value is sent as the 200 body.
+        self.raw_answer: Callable[[str], bytes | None] | None = None
+        self.cond = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- inspection ------------------------------------------------------
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+                self.cond.wait(min(left, 0.5))
+
+    def resource(self, mac: str) -> PeerResource | None:
+        return self.resources.get(mac)
+
+    def hits(self, path: str) -> list[Request]:
+        return [r for r in self.requests if r.path == path]
+
+    # -- serving ---------------------------------------------------------
+
+    def serve(self, sock: socket.socket) -> None:
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                peer._get(self)
+
+            def do_POST(self) -> None:
+                peer._post(self)
+
+        server = ThreadingHTTPServer(sock.getsockname(), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _send(
+        self, handler: BaseHTTPRequestHandler, status: int, body: bytes, kind: str = "application/json"
+    ) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", kind)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _note(self, handler: BaseHTTPRequestHandler, status: int, body: Any = None) -> None:
+        with self.cond:
+            self.requests.append(
+                Request(
+                    time.monotonic(), handler.command, handler.path, handler.client_address[0], status, body
+                )
+            )
+            self.cond.notify_all()
+
+    def _get(self, handler: BaseHTTPRequestHandler) -> None:
+        name = handler.path.split("?", 1)[0].removeprefix("/files/")
+        data = self.files.get(name)
+        if not handler.path.startswith("/files/") or data is None:
+            self._note(handler, 404)
+            self._send(handler, 404, b'{"detail": "not found"}')
+            return
+        self._note(handler, 200)
+        self._send(handler, 200, data, "application/octet-stream")
+
+    def _post(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        auth = handler.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if handler.path == "/agent/v1/register":
+            status, answer = self._register(token, body)
+        elif handler.path == "/agent/v1/heartbeat":
+            status, answer = self._heartbeat(token, body)
+        else:
+            status, answer = 404, {"detail": "not found"}
+        self._note(handler, status, body)
+        if status == 200 and self.raw_answer is not None:
+            override = self.raw_answer(handler.path)
+            if override is not None:
+                self._send(handler, 200, override)
+                return
+        self._send(handler, status, json.dumps(answer).encode())
+
+    @staticmethod
+    def _check(body: Any, fields: dict[str, tuple[type, ...]], required: set[str]) -> str | None:
+        if not isinstance(body, dict):
+            return "body is not a JSON object"
+        for key, value in body.items():
+            if key not in fields:
+                return f"unknown field {key}"
+            if isinstance(value, bool) or not isinstance(value, fields[key]):
+                return f"field {key} has the wrong type"
+        missing = required - set(body)
+        return f"missing {sorted(missing)}" if missing else None
+
+    def _register(self, token: str | None, body: Any) -> tuple[int, dict[str, Any]]:
+        if token != self.enrollment_token:
+            return 401, {"detail": "wrong or missing enrollment token"}
+        problem = self._check(body, REGISTER_FIELDS, REGISTER_REQUIRED)
+        if problem is None and body.get("mode", "idle") not in ("idle", "ve"):
+            problem = "mode must be idle or ve"
+        if problem:
+            return 422, {"detail": problem}
+        with self.cond:
+            mac = body["mac"]
+            existing = self.resources.get(mac)
+            new_token = os.urandom(16).hex() + "-_.~"
+            state = "booting" if body.get("mode") == "ve" else "idle"
+            if existing is None:
+                existing = PeerResource(len(self.resources) + 1, mac, new_token, dict(body), state)
+                self.resources[mac] = existing
+            else:
+                existing.token, existing.facts, existing.state = new_token, dict(body), state
+            return 200, {
+                "resource_id": existing.id,
+                "token": new_token,
+                "heartbeat_interval": self.heartbeat_interval,
+                "state": state,
+                "boot_generation": body.get("boot_generation", 0),
+            }
+
+    def _heartbeat(self, token: str | None, body: Any) -> tuple[int, dict[str, Any]]:
+        problem = self._check(body, HEARTBEAT_FIELDS, {"resource_id", "state"})
+        if problem is None and body["state"] not in ("idle", "active"):
+            problem = "state must be idle or active"
+        if problem:
+            return 422, {"detail": problem}
+        with self.cond:
+            match = [r for r in self.resources.values() if r.id == body["resource_id"]]
+            if not match or match[0].token != token:
+                return 401, {"detail": "wrong token"}
+            resource = match[0]
+            resource.heartbeats.append(dict(body))
+            if body["state"] == "active":
+                resource.state = "active"
+            command = resource.commands.pop(0) if resource.commands else "none"
+            return 200, {
+                "command": command,
+                "heartbeat_interval": self.heartbeat_interval,
+                "boot_generation": body.get("boot_generation", 0),
+            }
+
+
+@contextlib.contextmanager
+def peer_in(netns: Netns, address: str, port: int, enrollment_token: str) -> Iterator[AgentPeer]:
+    peer = AgentPeer(enrollment_token)
+    peer.serve(netns.listen(address, port))
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+def memory_mb_like_agent() -> int:
+    """What the agent reports for this machine's memory (online memory blocks, else MemTotal)."""
+    base = Path("/sys/devices/system/memory")
+    try:
+        block = int((base / "block_size_bytes").read_text().strip(), 16)
+        online = sum(1 for state in base.glob("memory*/state") if state.read_text().strip() == "online")
+        if online:
+            return block // 1048576 * online
+    except (OSError, ValueError):
+        pass
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
