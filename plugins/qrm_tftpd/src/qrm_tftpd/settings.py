@@ -8,7 +8,6 @@ configuration file, built-in defaults.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from qrm_core.config import Settings, default_data_dir
+from qrm_core.config import Settings, config_file
 from qrm_core.errors import InvalidInput
 
 #: What a server URL may look like: it is written into iPXE scripts, so no
@@ -148,13 +147,8 @@ class TftpSettings(BaseSettings):
 
 
 def _toml_table() -> dict[str, Any]:
-    """The ``[tftpd]`` table of the qrm configuration file, if any (found as core finds it)."""
-    explicit = os.environ.get("QRM_CONFIG")
-    if explicit:
-        path = Path(explicit)
-    else:
-        data_dir = os.environ.get("QRM_DATA_DIR")
-        path = (Path(data_dir) if data_dir else default_data_dir()) / "qrm.toml"
+    """The ``[tftpd]`` table of the qrm configuration file, if any."""
+    path = config_file()
     if not path.is_file():
         return {}
     try:
