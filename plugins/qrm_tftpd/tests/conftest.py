@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -99,3 +101,21 @@ def serve() -> Iterator[Callable[..., TftpServer]]:
             server.stop()
             thread.join(10)
             assert not thread.is_alive(), "the server thread did not stop"
+
+
+@contextlib.contextmanager
+def network_namespace(tag: str, steps: list[list[str]]) -> Iterator[str]:
+    """A network namespace of this test run (``ip -n NS <step>`` for each step); always deleted."""
+    from qrm_core.testing import missing
+
+    if os.geteuid() != 0:
+        missing("root", "network-namespace tests need root")
+    need_tool("ip", "iproute2")
+    name = f"qrm-tftpd-{tag}-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for step in [["link", "set", "lo", "up"], *steps]:
+            subprocess.run(["ip", "-n", name, *step], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IPXE_DIR, PXELINUX_DIR, SYSLINUX_DIR, need_file, need_tool
+from conftest import IPXE_DIR, PXELINUX_DIR, SYSLINUX_DIR, need_file, need_tool, network_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -88,31 +88,23 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+    if not os.path.exists("/dev/net/tun"):
         from qrm_core.testing import missing
 
-        missing("root with /dev/net/tun", "run the network-boot test as root")
-    need_tool("ip", "iproute2")
-    name = f"qrm-tftpd-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        steps = [
-            ["link", "set", "lo", "up"],
-            ["link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
-            ["addr", "add", f"{SERVER}/24", "dev", "br0"],
-            ["link", "set", "br0", "up"],
+        missing("/dev/net/tun", "QEMU needs tap devices")
+    steps = [
+        ["link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+        ["addr", "add", f"{SERVER}/24", "dev", "br0"],
+        ["link", "set", "br0", "up"],
+    ]
+    for tap in ("tapa", "tapb"):
+        steps += [
+            ["tuntap", "add", "dev", tap, "mode", "tap"],
+            ["link", "set", tap, "master", "br0"],
+            ["link", "set", tap, "up"],
         ]
-        for tap in ("tapa", "tapb"):
-            steps += [
-                ["tuntap", "add", "dev", tap, "mode", "tap"],
-                ["link", "set", tap, "master", "br0"],
-                ["link", "set", tap, "up"],
-            ]
-        for step in steps:
-            subprocess.run(["ip", "-n", name, *step], check=True)
+    with network_namespace("qemu", steps) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -136,7 +128,7 @@ def test_ipxe_and_pxelinux_boot_what_qrm_tftpd_serves(netns: str, tmp_path: Path
         QRM_DATA_DIR=str(data),
         QRM_TFTPD_SERVER_URL=f"http://{SERVER}:8080",
         QRM_TFTPD_RETRY_SECONDS="1",
-        QRM_TFTPD_LISTEN_ADDRESS=SERVER,
+        QRM_TFTPD_LISTEN_ADDRESS="0.0.0.0",  # the default: answers come from the address asked (IP_PKTINFO)
     )
     qrm("init", env=env)
     (tmp_path / "probe").write_bytes(PROBE)

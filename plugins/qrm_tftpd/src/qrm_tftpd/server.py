@@ -72,7 +72,7 @@ ERR_OPTIONS = 8
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python does not export it
 _HEADER = struct.Struct("!HH")
 _PKTINFO = struct.Struct("i4s4s")
-MAX_NETASCII = 16 * 1024 * 1024
+MAX_NETASCII = 1 << 20  # text files; a bigger file in netascii would cost that much memory per transfer
 MAX_REQUEST = 2048
 
 
