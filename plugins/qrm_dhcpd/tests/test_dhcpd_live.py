@@ -23,9 +23,9 @@ from sqlmodel import select
 import qrm_dhcpd.plugin
 from qrm_core.config import Settings
 from qrm_core.errors import PluginError
-from qrm_core.models import Event
+from qrm_core.models import Event, Resource
 from qrm_core.plugins import PluginSystem
-from qrm_core.services.resources import add_resource, remove_resource
+from qrm_core.services.resources import add_resource, remove_resource, show_resource
 from qrm_dhcpd.kea import KeaControl
 from qrm_dhcpd.service import ManagedDhcpServer
 from qrm_dhcpd.settings import load_settings
@@ -142,6 +142,15 @@ def test_reservation_follows_resource_hooks(
     clash = wire.dhcp(CLASH_MAC)
     assert clash is not None and in_pool(clash.ip) and clash.hostname == "clash"
     assert wire.dhcp(MAC).ip == "10.99.0.42"  # type: ignore[union-attr]
+
+    # an address/hostname change, announced as core announces it (qrm_resource_updated after commit)
+    row = qrm_ctx.session.exec(select(Resource).where(Resource.mac == MAC)).one()
+    row.ip, row.hostname = "10.99.0.52", "renamed"
+    qrm_ctx.session.add(row)
+    qrm_ctx.session.commit()
+    qrm_plugins.hooks.resource_updated(show_resource(qrm_ctx, MAC), ["ip", "hostname"], qrm_ctx.hook_ctx)
+    moved = wire.dhcp(MAC)
+    assert moved is not None and (moved.ip, moved.hostname) == ("10.99.0.52", "renamed")
 
     remove_resource(qrm_ctx, MAC)
     after = wire.dhcp(MAC)
