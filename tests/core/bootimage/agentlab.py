@@ -1,16 +1,18 @@
 """Test helpers for boot images and the node agent: network namespaces, a DHCP
-server, a protocol peer, and QEMU.
+server, the real ``qrm server``, a misbehaving protocol peer, and QEMU.
 
 Everything runs inside network namespaces the tests create (``ip netns``):
 addresses live only there, processes started there are tracked by PID and
-stopped by PID, and the namespaces are deleted afterwards.
+stopped by PID (or by the process group the test created), and the
+namespaces are deleted afterwards.
 
-:class:`AgentPeer` is an INTERIM protocol peer: a small real HTTP server that
-implements docs/agent-protocol.md strictly (unknown fields and wrong types are
-422, wrong tokens 401), so the agent is checked against the protocol text.
-It stands in for ``qrm server``, whose agent endpoints were not yet in git
-when these tests were written; the end-to-end tests of the server itself boot
-these images against the real thing.
+* :class:`QrmServerProcess` runs the real ``qrm server`` (a subprocess in a
+  namespace, on a private SQLite database); tests read and change qrm's state
+  through the services on the same database.
+* :class:`AgentPeer` is a protocol peer that can answer wrongly on purpose
+  (malformed JSON, wrong types, unknown commands): the real server never
+  does, and the agent must survive a broken or hostile answer. It checks the
+  agent's requests strictly against docs/agent-protocol.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 CLONE_NEWNET = 0x40000000
+#: iproute2's ip, found once: a test's own PATH may put busybox's ip (no "netns") first.
+IP = shutil.which("ip") or "/sbin/ip"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -88,7 +93,7 @@ class Netns:
         return run("ip", "-n", self.name, *args).stdout
 
     def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)
+        return subprocess.Popen([IP, "netns", "exec", self.name, *args], **kwargs)
 
     def listen(self, address: str, port: int) -> socket.socket:
         """A TCP socket listening inside this namespace (created from a thread that entered it)."""
@@ -117,6 +122,27 @@ class Netns:
         if "error" in result:
             raise result["error"]
         return result["sock"]
+
+    def can_connect(self, address: str, port: int) -> bool:
+        """Whether a TCP connection to ``address:port`` inside the namespace succeeds."""
+        result: dict[str, bool] = {}
+
+        def attempt() -> None:
+            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+            try:
+                _libc.setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            try:
+                with socket.create_connection((address, port), timeout=1):
+                    result["ok"] = True
+            except OSError:
+                result["ok"] = False
+
+        thread = threading.Thread(target=attempt)
+        thread.start()
+        thread.join()
+        return result.get("ok", False)
 
     def delete(self) -> None:
         run("ip", "netns", "del", self.name, check=False)
@@ -211,8 +237,9 @@ class AgentPeer:
         self.resources: dict[str, PeerResource] = {}
         self.requests: list[Request] = []
         self.files: dict[str, bytes] = {}
-        #: If set, called with the request path; a non-None bytes value is sent as the 200 body.
-        self.raw_answer: Callable[[str], bytes | None] | None = None
+        #: Wrong answers to give, per path, in order: ``(status, body)``; each is used once,
+        #: instead of what the protocol would answer.
+        self.overrides: dict[str, list[tuple[int, bytes]]] = {}
         self.cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -313,11 +340,12 @@ class AgentPeer:
         else:
             status, answer = 404, {"detail": "not found"}
         self._note(handler, status, body)
-        if status == 200 and self.raw_answer is not None:
-            override = self.raw_answer(handler.path)
-            if override is not None:
-                self._send(handler, 200, override)
-                return
+        with self.cond:
+            queue = self.overrides.get(handler.path)
+            override = queue.pop(0) if queue else None
+        if override is not None:
+            self._send(handler, override[0], override[1])
+            return
         self._send(handler, status, json.dumps(answer).encode())
 
     @staticmethod
@@ -388,6 +416,155 @@ def peer_in(netns: Netns, address: str, port: int, enrollment_token: str) -> Ite
         yield peer
     finally:
         peer.stop()
+
+
+class QrmServerProcess:
+    """The real ``qrm server`` inside a namespace, on a private SQLite database."""
+
+    def __init__(self, netns: Netns, host: str, port: int, work: Path) -> None:
+        from qrm_core.config import Settings
+        from qrm_core.plugins import PluginSystem
+        from qrm_core.services import setup
+
+        self.netns, self.host, self.port = netns, host, port
+        self.url = f"http://{host}:{port}"
+        data = work / "qrm-data"
+        data.mkdir(parents=True, exist_ok=True)
+        values = {
+            "QRM_DATA_DIR": str(data),
+            "QRM_DATABASE_URL": f"sqlite:///{data / 'qrm.db'}",
+            "QRM_HEARTBEAT_INTERVAL": "1",
+            "QRM_HEARTBEAT_TIMEOUT": "40",
+            "QRM_SERVER_URL": self.url,
+        }
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith("QRM_") or k.startswith("QRM_TEST_")
+        }
+        self.env.update(values)
+        self.settings = Settings(
+            data_dir=data,
+            database_url=values["QRM_DATABASE_URL"],
+            heartbeat_interval=1.0,
+            heartbeat_timeout=40.0,
+            server_url=self.url,
+            actor="tester",
+        )
+        self.plugins = PluginSystem(self.settings, discover_plugins=False).load()
+        # A server listening beyond loopback refuses the default admin password.
+        setup.init(self.settings, admin_password="qrm-test-password", plugins=self.plugins)
+        self.log_path = work / "qrm-server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = netns.popen(
+            [
+                sys.executable,
+                "-c",
+                "from qrm_core.cli.main import run; run()",
+                "server",
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not netns.can_connect(host, port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"qrm server did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def ctx(self) -> Iterator[Any]:
+        from qrm_core.services import service_context
+
+        with service_context(self.settings, actor="tester", plugins=self.plugins) as ctx:
+            yield ctx
+
+    def enrollment_token(self) -> str:
+        from qrm_core.services import site
+
+        with self.ctx() as ctx:
+            return site.get_enrollment_token(ctx)
+
+    def resource(self, mac: str) -> Any:
+        from sqlmodel import select
+
+        from qrm_core.models import Resource
+
+        with self.ctx() as ctx:
+            return ctx.session.exec(select(Resource).where(Resource.mac == mac)).first()
+
+    def wait_resource(self, mac: str, timeout: float, what: str, predicate: Callable[[Any], bool]) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.resource(mac)
+            if row is not None and predicate(row):
+                return row
+            if self.proc.poll() is not None:
+                raise AssertionError(f"qrm server died: {self.log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                state = None if row is None else (row.state, row.boot_generation)
+                raise AssertionError(f"timed out after {timeout} s waiting for {what} (resource: {state})")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        stop_process(self.proc, group=True, timeout=10)
+        self._log.close()
+        from qrm_core import db
+
+        db.dispose_engines()
+
+
+class AgentProcess:
+    """The agent script run as an ordinary process in a namespace (not PID 1):
+    no mounts, no modules; reboot and halt only leave marker files."""
+
+    def __init__(self, netns: Netns, script: Path, run_dir: Path, cmdline: str, applets: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.log_path = run_dir.with_name(run_dir.name + ".log")
+        env = {
+            "PATH": f"{applets}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "QRM_AGENT_CMDLINE": cmdline,
+            "QRM_AGENT_RUN": str(run_dir),
+            "QRM_AGENT_REBOOT": f"touch {run_dir}/rebooted",
+            "QRM_AGENT_HALT": f"touch {run_dir}/halted",
+            "TMPDIR": str(run_dir),
+        }
+        self._log = open(self.log_path, "wb")
+        self.proc = netns.popen(
+            ["/bin/busybox", "sh", str(script)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            if text.count(needle) >= count:
+                return text
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited ({self.proc.returncode}):\n{text[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {needle!r}:\n{text[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        stop_process(self.proc, group=True)
+        kill_pidfile(self.run_dir / "udhcpc.pid")
+        self._log.close()
 
 
 def memory_mb_like_agent() -> int:

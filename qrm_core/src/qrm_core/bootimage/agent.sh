@@ -619,8 +619,8 @@ dhcp_event() {
 		fi
 		prefix=${mask:-}
 		is_uint "$prefix" || prefix=$(mask_to_prefix "${subnet:-255.255.255.0}")
-		if ! ip -4 -o addr show dev "$interface" | grep -q " $ip/$prefix "; then
-			ip -4 addr flush dev "$interface"
+		if ! ip -o -f inet addr show dev "$interface" | grep -q " $ip/$prefix "; then
+			ip -f inet addr flush dev "$interface"
 			ip addr add "$ip/$prefix" dev "$interface"
 		fi
 		if [ -n "${router:-}" ]; then

@@ -1,0 +1,244 @@
+"""One machine's life, for real: a QEMU VM (TCG, virtio-net) boots the boot image qrm
+built, its agent registers with the VM's real MAC, CPUs and memory with the real
+``qrm server``; starting a virtual environment reboots it into the VE (root
+filesystem archive unpacked into RAM, the VE's start script run, reported
+active); stopping the VE makes it run the VE's stop script and reboot.
+
+The VM boots with ``-kernel/-initrd/-append`` taken from
+:func:`qrm_core.services.boot.boot_config` (what iPXE would be told; the
+DHCP/TFTP/iPXE chain is tested by the boot plugins) and ``-no-reboot``, so
+every reboot the server orders ends the QEMU process and the next boot gets
+the then current boot configuration. Everything lives in one network
+namespace: a bridge, the VM's tap, busybox udhcpd, the server and a small
+HTTP server for the VE's root filesystem archive.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from agentlab import AgentPeer, Netns, QrmServerProcess, Udhcpd, stop_process
+
+from qrm_core.bootimage.builder import BuildResult
+from qrm_core.models import ResourceState, VEState
+from qrm_core.services import boot, boot_images, site, storage
+from qrm_core.services import virtual_environments as ves
+from qrm_core.testing import missing
+
+SERVER_IP = "10.231.1.1"
+MAC = "52:54:00:51:0e:01"
+MEMORY_MB = 256
+CPUS = 2
+
+
+def ve_root_archive() -> bytes:
+    """A tiny VE root: no shell of its own (the agent brings busybox), a start and a stop script."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+
+        def add(name: str, data: bytes | None = None, mode: int = 0o755) -> None:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+        for directory in ("etc", "etc/qrm", "var", "tmp"):
+            add(directory)
+        add("etc/hostname", b"web\n", 0o644)
+        add(
+            "etc/qrm/ve-start",
+            (
+                "#!/bin/sh\n"
+                "echo started > /var/ve-started\n"
+                f"wget -q -O /dev/null http://{SERVER_IP}:8081/files/ve-started?from=$(cat /etc/hostname)\n"
+            ).encode(),
+        )
+        add(
+            "etc/qrm/ve-stop",
+            f"#!/bin/sh\nwget -q -O /dev/null http://{SERVER_IP}:8081/files/ve-stopped\n".encode(),
+        )
+    return buffer.getvalue()
+
+
+class VM:
+    def __init__(self, netns: Netns, config: boot.BootConfig, log: Path) -> None:
+        self.log = log
+        self._log = open(log, "wb")
+        self.started = time.monotonic()
+        self.proc = netns.popen(
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-machine",
+                "pc",
+                "-m",
+                str(MEMORY_MB),
+                "-smp",
+                str(CPUS),
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                str(config.kernel_path),
+                "-initrd",
+                str(config.initrd_path),
+                "-append",
+                config.cmdline,
+                "-netdev",
+                "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                "-device",
+                f"virtio-net-pci,netdev=n0,mac={MAC}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait_exit(self, timeout: float, why: str) -> float:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the VM did not {why} within {timeout} s:\n{self.console()[-3000:]}"
+            ) from None
+        return time.monotonic() - self.started
+
+    def console(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self._log.close()
+
+
+def ve_state(server: QrmServerProcess, wanted: str, timeout: float) -> None:
+    """Wait for the engine (it runs in the server, once a second) to bring the VE to ``wanted``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with server.ctx() as ctx:
+            state = ves.show_ve(ctx, "web").state
+        if state == wanted:
+            return
+        assert time.monotonic() < deadline, f"VE web is {state}, not {wanted}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def vm_lab(root_and_netns: None, tmp_path: Path):
+    if shutil.which("qemu-system-x86_64") is None:
+        missing("QEMU", "apt-get install qemu-system-x86 ipxe-qemu")
+    netns = Netns("vm")
+    udhcpd = server = files = None
+    try:
+        netns.ip("link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        netns.ip("addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        netns.ip("link", "set", "br0", "up")
+        netns.ip("tuntap", "add", "dev", "tap0", "mode", "tap")
+        netns.ip("link", "set", "tap0", "master", "br0")
+        netns.ip("link", "set", "tap0", "up")
+        udhcpd = Udhcpd(netns, "br0", tmp_path / "dhcp", "10.231.1.100", "10.231.1.150")
+        server = QrmServerProcess(netns, SERVER_IP, 8080, tmp_path)
+        files = AgentPeer("unused")
+        files.files = {"web.tar.gz": ve_root_archive(), "ve-started": b"ok", "ve-stopped": b"ok"}
+        files.serve(netns.listen(SERVER_IP, 8081))
+        yield netns, server, files
+    finally:
+        if files is not None:
+            files.stop()
+        if server is not None:
+            server.stop()
+        if udhcpd is not None:
+            udhcpd.stop()
+        netns.delete()
+
+
+def test_vm_registers_then_runs_a_ve_in_ram(vm_lab, boot_image: BuildResult, tmp_path: Path) -> None:
+    netns, server, files = vm_lab
+    timings: dict[str, float] = {}
+    with server.ctx() as ctx:
+        boot_images.add_boot_image(
+            ctx,
+            name="idle",
+            kernel_version=boot_image.kernel_version,
+            kernel=boot_image.kernel,
+            initrd=boot_image.initrd,
+            cmdline="console=ttyS0,115200n8 panic=-1",
+            make_default=True,
+        )
+        token = site.get_enrollment_token(ctx)
+        config = boot.boot_config(ctx, MAC, server_url=server.url, enrollment_token=token)
+    assert config.mode == "idle"
+
+    # Power on: the idle boot image registers the machine as it is.
+    vm = VM(netns, config, tmp_path / "console-idle.log")
+    try:
+        row = server.wait_resource(MAC, 90, "registration", lambda r: r.state == ResourceState.IDLE.value)
+        timings["power-on to registered"] = time.monotonic() - vm.started
+        assert (row.cpus, row.memory_mb, row.kind) == (CPUS, MEMORY_MB, "physical")
+        assert row.ip is not None and row.ip.startswith("10.231.1.")
+        console = vm.console()
+        assert "loaded module virtio_net" in console and "Kernel panic" not in console
+
+        # Start a VE: the engine assigns the idle machine and orders the reboot.
+        with server.ctx() as ctx:
+            storage.add_storage(ctx, name="st", type="fake", address="10.231.1.2")
+            storage.add_filesystem_image(ctx, name="web-root", storage="st", location="/exports/web")
+            ves.create_ve(
+                ctx,
+                name="web",
+                boot_image="idle",
+                fs_image="web-root",
+                kernel_args=f"qrm.rootfs=http://{SERVER_IP}:8081/files/web.tar.gz",
+            )
+            ves.start_ve(ctx, "web")
+        vm.wait_exit(60, "reboot for the VE")
+    finally:
+        vm.stop()
+    row = server.resource(MAC)
+    assert row.state == ResourceState.ASSIGNED.value and row.boot_generation == 1
+
+    with server.ctx() as ctx:
+        config = boot.boot_config(ctx, MAC, server_url=server.url, enrollment_token=token)
+    assert config.mode == "ve" and "qrm.ve=web" in config.cmdline and "qrm.gen=1" in config.cmdline
+
+    # The VE boot: root archive into RAM, switch_root, ve-start, active.
+    vm = VM(netns, config, tmp_path / "console-ve.log")
+    try:
+        server.wait_resource(MAC, 90, "the VE to be active", lambda r: r.state == ResourceState.ACTIVE.value)
+        timings["power-on to VE active"] = time.monotonic() - vm.started
+        ve_state(server, VEState.RUNNING.value, 15)
+        fetched = files.hits("/files/web.tar.gz")
+        assert fetched and fetched[0].client == server.resource(MAC).ip
+        assert files.hits("/files/ve-started?from=web")
+        console = vm.console()
+        assert "switching to the VE root filesystem (web)" in console
+        assert "continuing in the VE root" in console
+
+        # Stop the VE: the machine runs ve-stop and reboots out of it.
+        with server.ctx() as ctx:
+            ves.stop_ve(ctx, "web")
+        vm.wait_exit(60, "reboot out of the VE")
+        assert files.hits("/files/ve-stopped")
+    finally:
+        vm.stop()
+    # The server released nothing yet: it does that when the machine registers idle
+    # again (services.virtual_environments.stop_ve), which is the next boot's business.
+    row = server.resource(MAC)
+    assert row.boot_generation == 2
+    ve_state(server, VEState.STOPPING.value, 5)
+    print("timings:", {k: round(v, 1) for k, v in timings.items()})
