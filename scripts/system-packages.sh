@@ -16,6 +16,9 @@ test_pkgs=(
   # qrm_tftpd: boot loaders it serves; tftpd-hpa/tftp-hpa/curl for clients and the benchmark;
   # QEMU runs Debian's iPXE and pxelinux against it in a netns
   ipxe pxelinux syslinux-common tftpd-hpa tftp-hpa qemu-system-x86
+  # boot images (qrm_core.bootimage): busybox-static goes into the initrd, kmod's depmod orders modules,
+  # cpio checks the archive; QEMU (with ipxe-qemu's virtio-net ROM) boots it; dash checks the agent's syntax
+  busybox-static kmod cpio qemu-system-x86 ipxe-qemu dash
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;
