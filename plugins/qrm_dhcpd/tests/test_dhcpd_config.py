@@ -342,3 +342,22 @@ def test_cli(
     monkeypatch.setenv("QRM_DHCPD_POOL_START", "bogus")
     bad = qrm_cli("dhcpd", "sync")
     assert bad.exit_code == 1 and "QRM_DHCPD_POOL_START" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_files_keep_secrets_to_themselves(
+    monkeypatch: pytest.MonkeyPatch, qrm_settings: Settings, qrm_cli, dhcpd_bin: str
+) -> None:  # type: ignore[no-untyped-def]
+    dhcpd_env(monkeypatch, backend="isc")
+    backend = get_backend(load_settings(), qrm_settings)
+    backend.full_sync()
+    path = backend.paths.config
+    secret = backend.paths.omapi_secret.read_text().strip()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert backend.paths.omapi_secret.stat().st_mode & 0o777 == 0o600
+    assert f'secret "{secret}";' in path.read_text()
+    shown = qrm_cli("dhcpd", "show")
+    assert shown.exit_code == 0 and secret not in shown.stdout and "omapi-key qrm-omapi;" in shown.stdout
+    # a file someone made readable for their own server keeps its mode across rewrites
+    path.chmod(0o640)
+    backend.full_sync()
+    assert path.stat().st_mode & 0o777 == 0o640

@@ -121,8 +121,8 @@ class Backend(ABC):
     # -- what each backend provides -------------------------------------
 
     @abstractmethod
-    def render_text(self, hosts: HostSet) -> str:
-        """The configuration file text for these reservations."""
+    def render_text(self, hosts: HostSet, *, reveal: bool = True) -> str:
+        """The configuration file text for these reservations (secrets masked unless ``reveal``)."""
 
     @abstractmethod
     def full_sync(
@@ -178,8 +178,9 @@ class KeaBackend(Backend):
     def config(self, hosts: HostSet) -> dict[str, Any]:
         return kea.render(self.settings, self.paths, None if self.hosts_db is not None else hosts.hosts)
 
-    def render_text(self, hosts: HostSet) -> str:
-        return kea.dumps(self.config(hosts))
+    def render_text(self, hosts: HostSet, *, reveal: bool = True) -> str:
+        config = self.config(hosts)
+        return kea.dumps(config if reveal else kea.mask(config))
 
     def full_sync(
         self, *, rows: list[Row] | None = None, apply: bool = True, dry_run: bool = False
@@ -340,10 +341,11 @@ class IscBackend(Backend):
 
         return Omapi(self.settings, self.secret())
 
-    def render_text(self, hosts: HostSet) -> str:
+    def render_text(self, hosts: HostSet, *, reveal: bool = True) -> str:
         from qrm_dhcpd import isc
 
-        return isc.render(self.settings, hosts.hosts, self.secret())
+        text = isc.render(self.settings, hosts.hosts, self.secret())
+        return text if reveal else isc.mask(text)
 
     def full_sync(
         self, *, rows: list[Row] | None = None, apply: bool = True, dry_run: bool = False

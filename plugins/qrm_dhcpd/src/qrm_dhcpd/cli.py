@@ -30,10 +30,10 @@ def _backend() -> Backend:
 
 @app.command("show")
 def show_cmd() -> None:
-    """Print the configuration qrm would write now (from the database; nothing is changed)."""
+    """Print the configuration qrm would write now (from the database; nothing is changed; secrets left out)."""
     backend = _backend()
     hosts = backend.host_set()
-    sys.stdout.write(backend.render_text(hosts))
+    sys.stdout.write(backend.render_text(hosts, reveal=False))
     for problem in hosts.problems:
         sys.stderr.write(f"warning: {problem}\n")
 

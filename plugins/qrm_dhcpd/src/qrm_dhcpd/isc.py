@@ -82,6 +82,14 @@ def _pxe_block(settings: DhcpdSettings, indent: str) -> list[str]:
     return lines
 
 
+SECRET_MASK = "(secret: see the configuration file)"
+
+
+def mask(text: str) -> str:
+    """The configuration with the OMAPI secret left out, for showing to people."""
+    return re.sub(r'secret "[A-Za-z0-9+/=]+";', f'secret "{SECRET_MASK}";', text)
+
+
 def render(settings: DhcpdSettings, hosts: list[Host], secret: str) -> str:
     """The whole ``dhcpd.conf``."""
     net = settings.subnet

@@ -147,6 +147,16 @@ def render(settings: DhcpdSettings, paths: DhcpdPaths, hosts: list[Host] | None)
     return {"Dhcp4": dhcp4}
 
 
+def mask(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration without the hosts database's password, for showing to people."""
+    db = config.get("Dhcp4", {}).get("hosts-database")
+    if not db or "password" not in db:
+        return config
+    copy = json.loads(json.dumps(config))
+    copy["Dhcp4"]["hosts-database"]["password"] = "(see the configuration file)"
+    return copy
+
+
 def dumps(config: dict[str, Any]) -> str:
     """The file text, indented for people."""
     return json.dumps(config, indent=1) + "\n"

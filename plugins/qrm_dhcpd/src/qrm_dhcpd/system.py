@@ -25,8 +25,14 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 
 
-def write_temp(path: Path, data: str | bytes, *, mode: int = 0o644) -> Path:
-    """Write ``data`` to a new temporary file beside ``path`` (flushed to disk); return its path."""
+def write_temp(path: Path, data: str | bytes, *, mode: int = 0o600) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` (flushed to disk); return its path.
+
+    The new file takes the mode and owner of the file it will replace (a
+    server run by someone else, e.g. Debian's Kea as ``_kea``, must still be
+    able to read it); a first file gets ``mode``. Configuration files hold
+    secrets (the OMAPI key, a database password), hence 0600 by default.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
@@ -35,7 +41,17 @@ def write_temp(path: Path, data: str | bytes, *, mode: int = 0o644) -> Path:
             handle.write(raw)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(name, mode)
+        try:
+            old = path.stat()
+        except FileNotFoundError:
+            os.chmod(name, mode)
+        else:
+            os.chmod(name, old.st_mode & 0o7777)
+            if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.chown(name, old.st_uid, old.st_gid)
+                except PermissionError:
+                    pass
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
@@ -55,7 +71,7 @@ def swap(temp: Path, path: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically."""
     swap(write_temp(path, data, mode=mode), path)
 
