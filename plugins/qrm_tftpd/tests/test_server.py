@@ -308,7 +308,8 @@ def test_200_concurrent_clients(serve, tftp_root: Path) -> None:
             assert result.data == loader  # type: ignore[union-attr]
         else:
             assert result.data.startswith(b"#!ipxe")  # type: ignore[union-attr]
-    assert server.stats.completed == 200
+    # the server counts a transfer when the last ACK arrives, maybe after the client returned
+    assert wait_for(lambda: server.stats.completed == 200), server.stats
     assert server.stats.peak_sessions >= 50  # they really overlapped
     assert wait_for(lambda: server.session_count == 0)
     print(f"200 concurrent clients: {elapsed:.2f} s, 0 failures, {server.stats.peak_sessions} at once")
