@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -244,4 +245,41 @@ def test_isc_restart_serves_what_the_database_says(
         assert "deleted;" not in text and 'x}\\";{host evil {' in text
     finally:
         managed.stop()
+    assert error_events(qrm_ctx) == []
+
+
+def test_qrm_server_runs_the_dhcp_server(
+    wire: Wire,
+    short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    qrm_settings: Settings,
+    qrm_ctx,
+    qrm_plugins: PluginSystem,
+    kea_bin: str,
+) -> None:  # type: ignore[no-untyped-def]
+    """``qrm server`` collects the plugin's service, starts it, and stops it by PID."""
+    from qrm_core.server import start_plugin_services
+
+    qrm_plugins.register(qrm_dhcpd.plugin, "dhcpd")
+    dhcpd_env(
+        monkeypatch,
+        backend="kea",
+        interface=wire.server_if,
+        netns=wire.server_ns,
+        socket_dir=short_dir,
+        manage="true",
+    )
+    add_resource(qrm_ctx, mac=MAC, ip="10.99.0.42", hostname="node42")
+    running = start_plugin_services(qrm_settings, qrm_plugins)
+    try:
+        (service,) = running.started
+        assert isinstance(service, ManagedDhcpServer)
+        pid = service.pid
+        offer = wire.dhcp(MAC)
+        assert offer is not None and (offer.ip, offer.hostname) == ("10.99.0.42", "node42")
+    finally:
+        running.stop()
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
     assert error_events(qrm_ctx) == []
