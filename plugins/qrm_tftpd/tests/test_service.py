@@ -184,3 +184,6 @@ def test_remote_source(stand_in: str, serve, tmp_path: Path) -> None:
     server = serve(make_resolver(tmp_path, RemoteSource(dead, TOKEN, timeout=2)))
     script = fetch_sync("127.0.0.1", server.port, "ipxe/52-54-00-00-00-42.ipxe").data.decode()
     assert "cannot reach the qrm server" in script
+    with pytest.raises(TftpFailure) as failure:
+        fetch_sync("127.0.0.1", server.port, "boot/idle/vmlinuz")
+    assert (failure.value.code, failure.value.message) == (0, "boot file not available (qrm server)")

@@ -144,7 +144,8 @@ class RemoteSource:
             try:
                 response = self._open(url)
             except SourceError as exc:
-                raise TftpError(ERR_UNDEFINED, str(exc)) from None
+                log.error("tftp: %s: %s", url, exc.message)
+                raise TftpError(ERR_UNDEFINED, "boot file not available (qrm server)") from None
             if response is None:
                 return None
             with response, tempfile.TemporaryFile(prefix="qrm-tftpd-") as spool:
