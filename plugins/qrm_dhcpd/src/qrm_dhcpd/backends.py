@@ -223,7 +223,7 @@ class KeaBackend(Backend):
                 )
             t6 = time.perf_counter()
             if apply and (db is None or report.changed) and self.running():
-                self.control.config_set(config)
+                self.control.config_set(config, tested=not result.wildcard)
                 applied.append("configuration sent to the running Kea (config-set)")
             elif apply and db is None:
                 applied.append("Kea is not running: the file takes effect when it starts")
