@@ -19,7 +19,7 @@ source and on the machine (``../docs/netboot.md`` lists them):
   descriptors.
 
 So this module keeps tftpy's packet codec where it is right (encoding option
-acknowledgements), parses requests itself (tftpy rejects a request whose
+acknowledgements), parses requests itself (tftpy drops a request whose
 option has an empty value, as RFC 2090 ``multicast`` from some PXE ROMs
 has), and does the rest itself:
 
@@ -165,7 +165,7 @@ class ParsedRequest:
 def parse_request(packet: bytes) -> ParsedRequest:
     """Decode an RRQ: file name, mode and options; anything malformed is a :class:`TftpError`.
 
-    Not tftpy's decoder: it rejects a whole request when an option has an
+    Not tftpy's decoder: it drops a whole request when an option has an
     empty value (RFC 2090 ``multicast``, which some PXE ROMs send).
     """
     parts = packet[2:].split(b"\0")
