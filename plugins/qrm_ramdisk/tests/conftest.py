@@ -1,0 +1,1 @@
+pytest_plugins = ["qrm_core.testing"]
