@@ -223,7 +223,7 @@ class KeaBackend(Backend):
                 )
             t6 = time.perf_counter()
             if apply and (db is None or report.changed) and self.running():
-                self.control.config_set(config, tested=not result.wildcard)
+                self.control.config_set(config, tested=not result.wildcard, text=text)
                 applied.append("configuration sent to the running Kea (config-set)")
             elif apply and db is None:
                 applied.append("Kea is not running: the file takes effect when it starts")
@@ -244,8 +244,9 @@ class KeaBackend(Backend):
         hosts = self.host_set()
         config = self.config(hosts)
         problems = [p for p in hosts.problems if p.mac == mac]
+        text = kea.dumps(config)
         try:
-            self.control.config_set(config)
+            self.control.config_set(config, text=text)
         except kea.KeaUnreachable:
             self.full_sync(apply=False)
             return ChangeReport(
@@ -255,7 +256,7 @@ class KeaBackend(Backend):
                 problems,
                 time.perf_counter() - t0,
             )
-        atomic_write(self.paths.config, kea.dumps(config))
+        atomic_write(self.paths.config, text)
         return ChangeReport(mac, action, "config-set", problems, time.perf_counter() - t0)
 
     def upsert(

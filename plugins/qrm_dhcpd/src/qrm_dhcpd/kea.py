@@ -158,8 +158,28 @@ def mask(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def dumps(config: dict[str, Any]) -> str:
-    """The file text, indented for people."""
-    return json.dumps(config, indent=1) + "\n"
+    """The file text: indented for people, one line per reservation.
+
+    ``json.dumps(indent=...)`` falls back to the pure-Python encoder (about
+    80 ms for 10,000 reservations here); the reservations are encoded compactly
+    (the C encoder) and spliced in, one per line, in a few milliseconds.
+    """
+    dhcp4 = config["Dhcp4"]
+    subnets = dhcp4.get("subnet4", [])
+    parts: list[str] = []
+    shell_subnets = []
+    for index, subnet in enumerate(subnets):
+        if "reservations" in subnet:
+            shell_subnets.append(dict(subnet, reservations=f"\x00qrm-reservations-{index}"))
+            parts.append(",\n".join(json.dumps(r) for r in subnet["reservations"]))
+        else:
+            shell_subnets.append(subnet)
+            parts.append("")
+    text = json.dumps({"Dhcp4": dict(dhcp4, **{"subnet4": shell_subnets})}, indent=1)
+    for index, body in enumerate(parts):
+        marker = json.dumps(f"\x00qrm-reservations-{index}")
+        text = text.replace(marker, f"[\n{body}\n]" if body else "[]", 1)
+    return text + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -276,12 +296,10 @@ class KeaControl:
         except PluginError:
             return False
 
-    def _send_config(self, command: str, config: dict[str, Any]) -> dict[str, Any]:
-        return self.raw(
-            b'{"command": "' + command.encode() + b'", "arguments": ' + json.dumps(config).encode() + b"}"
-        )
+    def _send_config(self, command: str, text: str) -> dict[str, Any]:
+        return self.raw(b'{"command": "' + command.encode() + b'", "arguments": ' + text.encode() + b"}")
 
-    def config_set(self, config: dict[str, Any], *, tested: bool = False) -> None:
+    def config_set(self, config: dict[str, Any], *, tested: bool = False, text: str | None = None) -> None:
         """Replace Kea's running configuration, after Kea itself has tested it.
 
         Kea 2.2 does not survive a rejected ``config-set``: it logs
@@ -290,14 +308,16 @@ class KeaControl:
         every configuration goes through ``config-test`` first, which runs the
         same parser without applying anything, unless ``tested``: the full
         rewrite has just had ``kea-dhcp4 -t`` pass this very configuration in
-        the server's own network namespace.
+        the server's own network namespace. ``text`` is the configuration
+        already encoded (the file's text), to avoid encoding it again.
         """
-        answer = {"result": 0} if tested else self._send_config("config-test", config)
+        body = text if text is not None else json.dumps(config)
+        answer = {"result": 0} if tested else self._send_config("config-test", body)
         if answer.get("result") != 0:
             raise PluginError(
                 f"Kea rejected the configuration (config-test), nothing changed: {answer.get('text', answer)}"
             )
-        answer = self._send_config("config-set", config)
+        answer = self._send_config("config-set", body)
         if answer.get("result") != 0:
             raise PluginError(
                 f"Kea failed to apply a tested configuration (config-set): {answer.get('text', answer)}"
