@@ -89,6 +89,7 @@ def test_full_rewrite_passes_the_real_check(
         )
         assert 'filename "undionly.kpxe";' in text and 'filename "ipxe.efi";' in text
         assert "option ipxe.no-pxedhcp 1;" in text
+        assert "ping-check true;" in text
     # the same content again changes nothing but is still checked
     again = backend.full_sync()
     assert again.changed is False

@@ -104,6 +104,7 @@ def render(settings: DhcpdSettings, hosts: list[Host], secret: str) -> str:
         HEADER.rstrip("\n"),
         "authoritative;",
         "ddns-update-style none;",
+        f"ping-check {'true' if settings.isc_ping_check else 'false'};",
         f"default-lease-time {settings.lease_time};",
         f"max-lease-time {settings.lease_time};",
         f"omapi-port {settings.isc_omapi_port};",

@@ -151,6 +151,11 @@ class DhcpdSettings(BaseSettings):
     """Base64 secret of the OMAPI key. When qrm manages dhcpd and none is set,
     one is generated into ``<state_dir>/omapi.secret`` (mode 0600)."""
 
+    isc_ping_check: bool = True
+    """ISC dhcpd pings a pool address before offering it and waits a second
+    for an answer (its default). Safer on a network with hand-configured
+    machines; ``false`` saves the second on every first boot."""
+
     netns: str | None = None
     """Network namespace the DHCP server lives in: the managed server is
     started there, the configuration is checked there, and OMAPI connections
