@@ -153,15 +153,14 @@ def test_default_boot_image_for_qrm_init(
     qrm_ctx = sqlite_ctx
     kernel_version = kernel_tree.version
     calls = unpacked_once(monkeypatch, kernel_tree)
-    monkeypatch.setattr(
-        kernels, "boot_kernel_versions", lambda *a, **k: []
-    )  # this machine's /boot is not ours
-    text = boot_build.ensure_default_boot_image(qrm_ctx)
+    empty = qrm_ctx.settings.data_dir / "no-boot"  # this machine's /boot is not the test's
+    empty.mkdir(parents=True)
+    text = boot_build.ensure_default_boot_image(qrm_ctx, boot_dir=empty, modules_root=empty)
     assert text.startswith("no kernel to build the default boot image from") and "--download" in text
     cache = boot_build.kernel_cache_dir(qrm_ctx.settings)
     cache.mkdir(parents=True)
     (cache / kernel_deb.name).symlink_to(kernel_deb)
-    text = boot_build.ensure_default_boot_image(qrm_ctx)
+    text = boot_build.ensure_default_boot_image(qrm_ctx, boot_dir=empty, modules_root=empty)
     assert text == f"built the default boot image default (kernel {kernel_version} from {kernel_deb.name})"
     assert calls[-1]["kernel_deb"] == boot_build.kernel_cache_dir(qrm_ctx.settings) / kernel_deb.name
     assert boot_images.show_boot_image(qrm_ctx, "default").is_default
@@ -212,3 +211,18 @@ def test_cli_create(sqlite_ctx, kernel_tree: kernels.KernelTree, kernel_deb: Pat
     done = runner.invoke(boot_app, ["create", "-n", "other", "-k", "1.2.3", "--kernel-deb", str(kernel_deb)])
     assert isinstance(done.exception, InvalidInput)
     assert "holds kernel" in done.exception.message
+
+
+def test_default_boot_image_from_boot(sqlite_ctx, kernel_tree: kernels.KernelTree, tmp_path: Path) -> None:
+    """An installed kernel (/boot + /lib/modules layout) when no package is cached."""
+    boot_dir, modules_root = tmp_path / "boot", tmp_path / "lib" / "modules"
+    boot_dir.mkdir()
+    modules_root.mkdir(parents=True)
+    (boot_dir / f"vmlinuz-{kernel_tree.version}").symlink_to(kernel_tree.vmlinuz)
+    (modules_root / kernel_tree.version).symlink_to(kernel_tree.modules_dir)
+    text = boot_build.ensure_default_boot_image(sqlite_ctx, boot_dir=boot_dir, modules_root=modules_root)
+    assert text == (
+        f"built the default boot image default (kernel {kernel_tree.version} "
+        f"from {boot_dir / f'vmlinuz-{kernel_tree.version}'})"
+    )
+    assert boot_images.show_boot_image(sqlite_ctx, "default").is_default

@@ -137,19 +137,26 @@ def default_kernel_source(
     return (running if running in installed else installed[-1]), None
 
 
-def ensure_default_boot_image(ctx: ServiceContext, progress: Progress | None = None) -> str:
+def ensure_default_boot_image(
+    ctx: ServiceContext,
+    progress: Progress | None = None,
+    *,
+    boot_dir: Path = Path("/boot"),
+    modules_root: Path = Path("/lib/modules"),
+) -> str:
     """Make sure idle machines have something to boot; return one line saying what happened.
 
     Builds the boot image ``default`` when there is no default boot image and
     a kernel source is available; never raises for a failed build (``qrm
     init`` must still finish), the line says what went wrong instead.
+    ``boot_dir``/``modules_root`` are where installed kernels are looked for.
     """
     current = boot_images.default_boot_image_row(ctx)
     if current is not None:
         return f"the default boot image is {current.name} (kernel {current.kernel_version})"
     if ctx.session.exec(select(BootImage.id)).first() is not None:
         return "there is no default boot image: choose one with 'qrm boot-image set-default NAME'"
-    source = default_kernel_source(ctx.settings)
+    source = default_kernel_source(ctx.settings, boot_dir=boot_dir, modules_root=modules_root)
     if source is None:
         return (
             "no kernel to build the default boot image from: run "
@@ -161,10 +168,16 @@ def ensure_default_boot_image(ctx: ServiceContext, progress: Progress | None = N
     if ctx.session.exec(select(BootImage.id).where(BootImage.name == name)).first():
         name = f"{DEFAULT_IMAGE_NAME}-{version}"[:64]
     try:
-        image = create_boot_image(
-            ctx, name=name, kernel_version=version, kernel_deb=deb, make_default=True, progress=progress
-        )
+        if deb is None:
+            tree = kernels.from_boot(version, boot_dir=boot_dir, modules_root=modules_root)
+            image = create_boot_image(
+                ctx, name=name, kernel_version=version, kernel_tree=tree, make_default=True, progress=progress
+            )
+        else:
+            image = create_boot_image(
+                ctx, name=name, kernel_version=version, kernel_deb=deb, make_default=True, progress=progress
+            )
     except QrmError as exc:
         return f"could not build the default boot image from kernel {version}: {exc.message}"
-    where = deb.name if deb is not None else f"/boot/vmlinuz-{version}"
+    where = deb.name if deb is not None else str(boot_dir / f"vmlinuz-{version}")
     return f"built the default boot image {image.name} (kernel {image.kernel_version} from {where})"
