@@ -180,3 +180,83 @@ def dhcpd_env(
     values.update({k.upper(): str(v) for k, v in extra.items()})
     for key, value in values.items():
         monkeypatch.setenv(f"QRM_DHCPD_{key}", value)
+
+
+class Bridge:
+    """One namespace with a bridge (the DHCP server's side) and a tap for a QEMU guest."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}{next(_counter)}"
+        self.ns = f"qd{tag}b"
+        self.bridge = "br0"
+        self.tap = "tap0"
+
+    def up(self) -> Bridge:
+        sh("ip", "netns", "add", self.ns)
+        # forward_delay 0: otherwise the new port drops the server's replies for seconds
+        sh(
+            "ip",
+            "-n",
+            self.ns,
+            "link",
+            "add",
+            self.bridge,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "stp_state",
+            "0",
+        )
+        sh("ip", "-n", self.ns, "addr", "add", f"{SERVER_IP}/24", "dev", self.bridge)
+        sh("ip", "-n", self.ns, "tuntap", "add", "dev", self.tap, "mode", "tap")
+        sh("ip", "-n", self.ns, "link", "set", self.tap, "master", self.bridge)
+        for ifname in ("lo", self.bridge, self.tap):
+            sh("ip", "-n", self.ns, "link", "set", ifname, "up")
+        return self
+
+    def down(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.ns], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@dataclass
+class Reply:
+    """A DHCP reply seen on the wire."""
+
+    message_type: int
+    yiaddr: str
+    siaddr: str
+    file: str
+    options: dict[int, bytes]
+
+
+def parse_reply(frame: bytes) -> Reply | None:
+    """A BOOTP reply (UDP 67 -> 68) in an Ethernet frame, or None."""
+    if len(frame) < 14 + 20 + 8 + 240 or frame[12:14] != b"\x08\x00" or frame[14 + 9] != 17:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    udp = 14 + ihl
+    if (
+        int.from_bytes(frame[udp : udp + 2], "big") != 67
+        or int.from_bytes(frame[udp + 2 : udp + 4], "big") != 68
+    ):
+        return None
+    bootp = frame[udp + 8 :]
+    if bootp[0] != 2 or bootp[236:240] != b"\x63\x82\x53\x63":
+        return None
+    options: dict[int, bytes] = {}
+    i = 240
+    while i < len(bootp) and bootp[i] != 255:
+        if bootp[i] == 0:
+            i += 1
+            continue
+        code, length = bootp[i], bootp[i + 1]
+        options[code] = bootp[i + 2 : i + 2 + length]
+        i += 2 + length
+    return Reply(
+        message_type=options.get(53, b"\x00")[0],
+        yiaddr=".".join(str(b) for b in bootp[16:20]),
+        siaddr=".".join(str(b) for b in bootp[20:24]),
+        file=bootp[108:236].split(b"\x00", 1)[0].decode(errors="replace"),
+        options=options,
+    )

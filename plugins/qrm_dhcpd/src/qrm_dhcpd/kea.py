@@ -35,6 +35,10 @@ EFI64_TEST = " or ".join(f"option[93].hex == 0x{arch:04x}" for arch in pxe.ARCH_
 BIOS_TEST = f"(not option[93].exists or option[93].hex == 0x{pxe.ARCH_BIOS:04x})"
 
 
+#: Retries of opening the DHCP socket (every 2 s): about 2 years.
+SOCKET_RETRIES = 30_000_000
+
+
 def _class(name: str, test: str, next_server: str, boot_file: str | None, ipxe_opts: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": name, "test": test, "next-server": next_server}
     if boot_file is not None:
@@ -115,7 +119,16 @@ def render(settings: DhcpdSettings, paths: DhcpdPaths, hosts: list[Host] | None)
             "generated-by": "qrm-dhcpd",
             "note": "qrm rewrites this file; change the QRM_DHCPD_ settings",
         },
-        "interfaces-config": {"interfaces": [settings.interface], "dhcp-socket-type": "raw"},
+        "interfaces-config": {
+            "interfaces": [settings.interface],
+            "dhcp-socket-type": "raw",
+            # A provisioning bridge has no carrier until a machine is plugged in
+            # (or a VM's tap is opened). Kea 2.2 then logs DHCPSRV_OPEN_SOCKET_FAIL
+            # "interface ... is not running" and, by default, never tries again:
+            # it would serve nobody. Keep retrying every 2 s instead.
+            "service-sockets-max-retries": SOCKET_RETRIES,
+            "service-sockets-retry-wait-time": 2000,
+        },
         "control-socket": {"socket-type": "unix", "socket-name": str(paths.control_socket)},
         "lease-database": {
             "type": "memfile",
