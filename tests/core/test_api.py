@@ -158,8 +158,11 @@ def test_boot_files_are_served(qrm_server, tmp_path: Path) -> None:
         assert c.get("/boot/idle/passwd").status_code == 422
         assert c.get("/boot/..%2f..%2fetc/vmlinuz").status_code == 404
         assert c.get("/boot/nosuch/vmlinuz").status_code == 404
-        script = c.get("/agent/v1/boot/52:54:00:00:00:09/ipxe").text
-    assert script.startswith("#!ipxe") and f"{qrm_server.url}/boot/idle/vmlinuz" in script
+        config = c.get(
+            "/agent/v1/boot/52:54:00:00:00:09",
+            headers={"Authorization": f"Bearer {qrm_server.enrollment_token()}"},
+        )
+    assert config.json()["kernel_url"] == f"{qrm_server.url}/boot/idle/vmlinuz"
 
 
 def test_remote_cli_prints_what_local_cli_prints(qrm_server, qrm_cli) -> None:

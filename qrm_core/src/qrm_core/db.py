@@ -9,6 +9,7 @@ created or changed by Alembic migrations (``qrm init``).
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +51,16 @@ def _mysql_check_is_integrity(context: Any) -> Exception | None:
     return None
 
 
+READONLY_OPTION = "qrm_readonly"
+
+
+def _sqlite_begin(conn: Any) -> None:
+    if conn.get_execution_options().get(READONLY_OPTION):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def create_db_engine(url: str) -> Engine:
     """Build an engine for ``url`` with the settings each backend needs."""
     try:
@@ -80,8 +91,9 @@ def create_db_engine(url: str) -> Engine:
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         # SQLite: take the write lock at BEGIN so concurrent writers serialize
-        # instead of failing with "database is locked" on upgrade.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # instead of failing with "database is locked" on upgrade. Read-only
+        # sessions (boot lookups) begin deferred and never wait for writers.
+        event.listen(engine, "begin", _sqlite_begin)
 
         @event.listens_for(engine, "connect")
         def _no_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
@@ -107,6 +119,7 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
+        _current_engines.clear()
 
 
 @contextmanager
@@ -218,11 +231,21 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
+    _current_engines.discard(engine)
     command.downgrade(_alembic_config(engine), revision)
 
 
+_current_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def ensure_current(engine: Engine) -> None:
-    """Refuse to work on a database that ``qrm init`` has not brought up to date."""
+    """Refuse to work on a database that ``qrm init`` has not brought up to date.
+
+    Checked once per engine and process: the schema only changes through
+    ``qrm init``/``qrm server`` start-up, not under a running process.
+    """
+    if engine in _current_engines:
+        return
     current = current_revision(engine)
     if current is None:
         raise NotInitialized("the database has no qrm schema; run 'qrm init' first")
@@ -231,3 +254,4 @@ def ensure_current(engine: Engine) -> None:
             f"the database schema is at {current}, this qrm needs {head_revision()}; "
             "run 'qrm init' to upgrade it"
         )
+    _current_engines.add(engine)

@@ -133,10 +133,23 @@ class QrmServer:
         self.host = host
         self.port = port
         self.engine_interval = engine_interval
-        self.server_url = settings.server_url or default_server_url(host, port)
+        self._explicit_url = settings.server_url is not None
+        self.server_url = settings.server_url or (default_server_url(host, port) if port else None)
         self._uvicorn: Any = None
         self.engine: Any = None
         self.services = RunningServices()
+
+    def _publish_server_url(self) -> None:
+        """Everything the server runs (plugin services, boot configs) sees the URL machines use."""
+        if self.server_url and self.settings.server_url != self.server_url:
+            self.settings = self.settings.model_copy(update={"server_url": self.server_url})
+
+    def _bound(self, sock: socket.socket) -> None:
+        """The socket is bound: the real port is known, and with it the default URL."""
+        self.port = sock.getsockname()[1]
+        if not self._explicit_url:
+            self.server_url = default_server_url(self.host, self.port)
+        self._publish_server_url()
 
     def prepare(self) -> None:
         prepare_database(self.settings, self.plugins)
@@ -179,7 +192,7 @@ class QrmServer:
         """Serve until SIGTERM/SIGINT."""
         self.prepare()
         sock = bind_socket(self.host, self.port)
-        self.port = sock.getsockname()[1]
+        self._bound(sock)
         self.build()
         self.services = start_plugin_services(self.settings, self.plugins)
         self.engine.start()
@@ -196,9 +209,7 @@ class QrmServer:
         """For tests: serve in a thread; returns once the socket listens."""
         self.prepare()
         sock = bind_socket(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        if self.settings.server_url is None:
-            self.server_url = default_server_url(self.host, self.port)
+        self._bound(sock)
         self.build()
         self.services = start_plugin_services(self.settings, self.plugins)
         self.engine.start()

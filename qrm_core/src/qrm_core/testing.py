@@ -156,9 +156,19 @@ def _qrm_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         database.cleanup()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "qrm_backends(*names): run this database test only on these backends (of those selected)"
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "qrm_backend" in metafunc.fixturenames:
-        metafunc.parametrize("qrm_backend", selected_backends(), scope="session")
+        backends = selected_backends()
+        marker = metafunc.definition.get_closest_marker("qrm_backends")
+        if marker is not None:
+            backends = [b for b in backends if b in marker.args] or list(marker.args[:1])
+        metafunc.parametrize("qrm_backend", backends, scope="session")
 
 
 @pytest.fixture

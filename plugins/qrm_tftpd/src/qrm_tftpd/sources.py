@@ -67,11 +67,15 @@ class LocalSource:
             pass
 
     def boot_config(self, mac: str) -> BootConfig:
-        with service_context(self.settings, actor="tftpd", plugins=self.plugins, check_schema=False) as ctx:
+        with service_context(
+            self.settings, actor="tftpd", plugins=self.plugins, check_schema=False, readonly=True
+        ) as ctx:
             return boot_config(ctx, mac, server_url=self.server_url, enrollment_token=enrollment_token(ctx))
 
     def boot_file(self, image: str, which: str) -> Content | None:
-        with service_context(self.settings, actor="tftpd", plugins=self.plugins, check_schema=False) as ctx:
+        with service_context(
+            self.settings, actor="tftpd", plugins=self.plugins, check_schema=False, readonly=True
+        ) as ctx:
             kernel, initrd = boot_image_files(ctx, image)
         path = kernel if which == "vmlinuz" else initrd
         if not path:

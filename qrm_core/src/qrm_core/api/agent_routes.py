@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from qrm_core.api.deps import bearer, get_ctx
@@ -117,19 +117,6 @@ def boot_config(request: Request, ctx: Ctx, mac: str) -> boot.BootConfig:
     return boot.boot_config(
         ctx, mac, server_url=state.server_url, enrollment_token=site.get_enrollment_token(ctx)
     )
-
-
-@router.get("/agent/v1/boot/{mac}/ipxe", tags=["agent"], response_class=PlainTextResponse)
-def boot_script(request: Request, ctx: Ctx, mac: str) -> str:
-    """The boot as an iPXE script (HTTP boot without TFTP); machines fetch it without credentials,
-    like a TFTP boot file."""
-    state = request.app.state
-    config = boot.boot_config(
-        ctx, mac, server_url=state.server_url, enrollment_token=site.get_enrollment_token(ctx)
-    )
-    if config.mode == "none" or not config.kernel_url:
-        return f"#!ipxe\necho qrm: {config.message or 'nothing to boot'}\nsleep 30\nreboot\n"
-    return f"#!ipxe\nkernel {config.kernel_url} {config.cmdline}\ninitrd {config.initrd_url}\nboot\n"
 
 
 @router.get("/boot/{image}/{file}", tags=["agent"])

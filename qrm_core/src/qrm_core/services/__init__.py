@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from qrm_core.context import HookContext
-from qrm_core.db import _short, ensure_current, get_engine
+from qrm_core.db import READONLY_OPTION, _short, ensure_current, get_engine
 from qrm_core.errors import Conflict, DatabaseUnavailable
 from qrm_core.models import Event, EventLevel, EventPublic
 
@@ -91,6 +91,18 @@ class ServiceContext:
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the current transaction has committed."""
         self._after_commit.append(callback)
+
+    def flush(self) -> None:
+        """Write pending changes (to get ids) without committing; a unique
+        violation here is a concurrent change, as in :meth:`commit`."""
+        try:
+            self.session.flush()
+        except IntegrityError as exc:
+            self.session.rollback()
+            self._discard()
+            raise Conflict(
+                f"the change conflicts with a concurrent one and was not made: {_short(exc)}"
+            ) from None
 
     def commit(self) -> None:
         """Commit; then write the audit log lines and notify plugins."""
@@ -169,8 +181,14 @@ def service_context(
     actor: str | None = None,
     plugins: PluginSystem | None = None,
     check_schema: bool = True,
+    readonly: bool = False,
 ) -> Iterator[ServiceContext]:
-    """Open a :class:`ServiceContext` on the configured database."""
+    """Open a :class:`ServiceContext` on the configured database.
+
+    ``readonly`` contexts (lookups on hot paths, such as boot configurations)
+    never take SQLite's write lock, so they never wait behind a writer; they
+    must not write.
+    """
     from qrm_core.plugins import get_plugin_system
 
     engine = get_engine(settings)
@@ -179,7 +197,8 @@ def service_context(
     system = plugins if plugins is not None else get_plugin_system(settings)
     if system.hooks.on_failure is None:
         system.hooks.on_failure = _record_plugin_failure(settings, system)
-    session = Session(engine, expire_on_commit=False)
+    bind = engine.execution_options(**{READONLY_OPTION: True}) if readonly else engine
+    session = Session(bind, expire_on_commit=False)
     ctx = ServiceContext(session, settings, actor or default_actor(settings), system)
     try:
         yield ctx

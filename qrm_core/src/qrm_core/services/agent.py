@@ -14,11 +14,11 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlmodel import select
 
-from qrm_core.errors import AuthError, InvalidInput, NotFound, QrmError
+from qrm_core.errors import AuthError, Conflict, InvalidInput, NotFound, QrmError
 from qrm_core.models import (
     EventLevel,
     Partition,
@@ -99,7 +99,22 @@ def release(ctx: ServiceContext, row: Resource, reason: str, *, reboot: bool) ->
     ctx.after_commit(withdraw)
 
 
-def register(
+def register(ctx: ServiceContext, **kwargs: Any) -> Registration:
+    """Register (or re-register) the machine with this MAC; idempotent per MAC.
+
+    Two registrations of a new MAC at the same moment (a machine retrying)
+    race to insert it; the loser sees the winner's row on a second try.
+    """
+    for attempt in range(3):
+        try:
+            return _register(ctx, **kwargs)
+        except Conflict:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _register(
     ctx: ServiceContext,
     *,
     mac: str,
@@ -113,7 +128,6 @@ def register(
     ve: str | None = None,
     now: datetime | None = None,
 ) -> Registration:
-    """Register (or re-register) the machine with this MAC; idempotent per MAC."""
     mac = v.mac(mac)
     ip = v.ip(ip) if ip else None
     hostname = v.hostname(hostname)
@@ -152,7 +166,7 @@ def register(
     row.last_seen = now
     ctx.session.add(row)
     if created:
-        ctx.session.flush()
+        ctx.flush()
         ctx.record("resource", public.resource_label(row), f"resource {row.mac} registered ({row.kind})")
         partition = ctx.session.exec(select(Partition).where(Partition.mac == mac)).first()
         if partition is not None and partition.resource_id is None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qrm_core import db
-from qrm_core.services import service_context, users
+from qrm_core.services import service_context, site, users
 
 if TYPE_CHECKING:
     from qrm_core.config import Settings
@@ -53,6 +53,8 @@ def init(
             )
             ctx.commit()
         admin, created = users.ensure_admin(ctx, admin_password)
+        # Created here so that boot lookups (read-only) never have to.
+        site.get_enrollment_token(ctx)
         default = users.default_password_unchanged(ctx)
     return InitResult(
         database=safe_url(settings.effective_database_url),
