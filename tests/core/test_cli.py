@@ -183,3 +183,15 @@ def test_invalid_settings_are_reported(qrm_cli, monkeypatch) -> None:
     result = qrm_cli("init")
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ")
+
+
+def test_a_broken_configuration_file_is_one_line(qrm_cli, monkeypatch, tmp_path) -> None:
+    from qrm_core.config import reset_settings_cache
+
+    bad = tmp_path / "qrm.toml"
+    bad.write_text("heartbeat_interval = [\n")
+    monkeypatch.setenv("QRM_CONFIG", str(bad))
+    reset_settings_cache()
+    result = qrm_cli("storage", "list")
+    assert result.exit_code == 1 and result.stderr.startswith("error: cannot read the configuration file")
+    assert "Traceback" not in result.stderr

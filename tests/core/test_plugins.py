@@ -154,3 +154,13 @@ def test_plugin_commands_are_mounted_and_a_failing_plugin_is_contained(
     assert listing["broken"]["status"] == "broken"
     assert "cannot build my commands" in listing["broken"]["error"]
     assert qrm_cli("storage", "list").exit_code == 0
+
+
+def test_comma_separated_settings_from_the_environment(monkeypatch) -> None:
+    from qrm_core.config import Settings
+
+    monkeypatch.setenv("QRM_DISABLE_PLUGINS", "a, b")
+    monkeypatch.setenv("QRM_ENABLED_STORAGE", "fake,nfs")
+    settings = Settings()
+    assert settings.disable_plugins == ["a", "b"]
+    assert settings.enabled_storage == ["fake", "nfs"] and settings.enabled_hypervisors is None

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -59,13 +60,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    disable_plugins: list[str] = Field(default_factory=list)
+    disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Plugins never loaded, whatever their persisted state (``QRM_DISABLE_PLUGINS=a,b``)."""
 
-    enabled_storage: list[str] | None = None
+    enabled_storage: Annotated[list[str] | None, NoDecode] = None
     """Storage driver names that may be used; None means every installed one."""
 
-    enabled_hypervisors: list[str] | None = None
+    enabled_hypervisors: Annotated[list[str] | None, NoDecode] = None
     """Hypervisor driver names that may be used; None means every installed one."""
 
     actor: str | None = None

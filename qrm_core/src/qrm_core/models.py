@@ -277,7 +277,7 @@ class Resource(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     mac: str = Field(max_length=17, unique=True)
-    ip: str | None = Field(default=None, max_length=45)
+    ip: str | None = Field(default=None, max_length=45, index=True)
     hostname: str | None = Field(default=None, max_length=NAME_LEN)
     kind: str = Field(default=ResourceKind.PHYSICAL.value, max_length=16)
     host_id: int | None = Field(

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from qrm_core import __version__
 from qrm_core.cli.output import Output, message, show_list, show_one
 from qrm_core.client import Client, LocalClient
-from qrm_core.config import Settings, get_settings
+from qrm_core.config import Settings, config_file, get_settings
 from qrm_core.errors import Conflict, InvalidInput, QrmError
 from qrm_core.logs import configure_logging, log_file
 
@@ -924,6 +926,12 @@ def main(argv: list[str] | None = None) -> int:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         _error(f"invalid setting {where.upper() and 'QRM_' + where.upper()}: {first.get('msg')}")
+        return 1
+    except SettingsError as exc:
+        _error(f"invalid setting: {exc}")
+        return 1
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        _error(f"cannot read the configuration file {config_file()}: {exc}")
         return 1
     configure_logging(settings)
     try:
