@@ -160,7 +160,9 @@ def applet_dir(base: Path) -> Path:
 class Udhcpd:
     """busybox udhcpd serving a pool on one interface of a namespace."""
 
-    def __init__(self, netns: Netns, interface: str, work: Path, start: str, end: str) -> None:
+    def __init__(
+        self, netns: Netns, interface: str, work: Path, start: str, end: str, options: tuple[str, ...] = ()
+    ) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.leases = work / "udhcpd.leases"
         self.leases.touch()
@@ -168,7 +170,7 @@ class Udhcpd:
         config.write_text(
             f"start {start}\nend {end}\ninterface {interface}\nmax_leases 50\n"
             f"lease_file {self.leases}\npidfile {work / 'udhcpd.pid'}\n"
-            "option subnet 255.255.255.0\noption lease 600\n"
+            "option subnet 255.255.255.0\noption lease 600\n" + "".join(f"option {o}\n" for o in options)
         )
         self.log = open(work / "udhcpd.log", "wb")
         self.proc = netns.popen(

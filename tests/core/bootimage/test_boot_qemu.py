@@ -27,7 +27,7 @@ from agentlab import AgentPeer, Netns, QrmServerProcess, Udhcpd, stop_process
 
 from qrm_core.bootimage.builder import BuildResult
 from qrm_core.models import ResourceState, VEState
-from qrm_core.services import boot, boot_images, site, storage
+from qrm_core.services import boot, boot_images, events, site, storage
 from qrm_core.services import virtual_environments as ves
 from qrm_core.testing import missing
 
@@ -109,12 +109,18 @@ class VM:
             stdin=subprocess.DEVNULL,
         )
 
-    def wait_exit(self, timeout: float, why: str) -> float:
+    def wait_exit(self, timeout: float, why: str, server: QrmServerProcess) -> float:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            row = server.resource(MAC)
+            with server.ctx() as ctx:
+                ve = ves.show_ve(ctx, "web")
+                recent = [e.message for e in events.list_events(ctx, limit=15)]
             raise AssertionError(
-                f"the VM did not {why} within {timeout} s:\n{self.console()[-3000:]}"
+                f"the VM did not {why} within {timeout} s; resource {row.state} gen {row.boot_generation}, "
+                f"VE {ve.state} ({ve.problem or 'no problem'}); events {recent}\n"
+                f"server log: {server.log_path.read_text()[-1500:]}\nconsole: {self.console()[-2000:]}"
             ) from None
         return time.monotonic() - self.started
 
@@ -206,7 +212,7 @@ def test_vm_registers_then_runs_a_ve_in_ram(vm_lab, boot_image: BuildResult, tmp
                 kernel_args=f"qrm.rootfs=http://{SERVER_IP}:8081/files/web.tar.gz",
             )
             ves.start_ve(ctx, "web")
-        vm.wait_exit(60, "reboot for the VE")
+        vm.wait_exit(60, "reboot for the VE", server)
     finally:
         vm.stop()
     row = server.resource(MAC)
@@ -232,7 +238,7 @@ def test_vm_registers_then_runs_a_ve_in_ram(vm_lab, boot_image: BuildResult, tmp
         # Stop the VE: the machine runs ve-stop and reboots out of it.
         with server.ctx() as ctx:
             ves.stop_ve(ctx, "web")
-        vm.wait_exit(60, "reboot out of the VE")
+        vm.wait_exit(60, "reboot out of the VE", server)
         assert files.hits("/files/ve-stopped")
     finally:
         vm.stop()

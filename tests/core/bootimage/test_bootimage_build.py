@@ -150,3 +150,12 @@ def test_progress_is_reported(kernel_tree: kernels.KernelTree, tmp_path: Path) -
     done = [d for _, d, _ in seen]
     assert done == sorted(done) and len(seen) > 20
     assert any(what.startswith("compressing") for what, _, _ in seen)
+
+
+def test_download_of_an_unknown_kernel_is_one_line(tmp_path: Path) -> None:
+    """apt-get itself answers (no package is fetched)."""
+    with pytest.raises(InvalidInput) as unknown:
+        kernels.download_deb("0.0.0-99-nonexistent", tmp_path / "cache")
+    assert "apt knows no package linux-image-0.0.0-99-nonexistent" in unknown.value.message
+    assert "\n" not in unknown.value.message
+    assert not list((tmp_path / "cache").glob("*.deb"))

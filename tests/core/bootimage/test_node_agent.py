@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from agentlab import (
+    IP,
     AgentPeer,
     AgentProcess,
     Netns,
@@ -21,6 +22,7 @@ from agentlab import (
     Udhcpd,
     applet_dir,
     memory_mb_like_agent,
+    run,
 )
 
 from qrm_core.bootimage.builder import agent_script
@@ -56,7 +58,9 @@ def lab(root_and_netns: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
         server_ns.ip("link", "add", "vs", "type", "veth", "peer", "name", "vn", "netns", node_ns.name)
         server_ns.ip("addr", "add", f"{SERVER_IP}/24", "dev", "vs")
         server_ns.ip("link", "set", "vs", "up")
-        udhcpd = Udhcpd(server_ns, "vs", work / "dhcp", *POOL)
+        udhcpd = Udhcpd(
+            server_ns, "vs", work / "dhcp", *POOL, options=(f"router {SERVER_IP}", "hostname node-7")
+        )
         server = QrmServerProcess(server_ns, SERVER_IP, 8080, work)
         yield Lab(server_ns, node_ns, server, work, script, applet_dir(work))
     finally:
@@ -86,13 +90,15 @@ def test_register_heartbeat_and_obey(lab: Lab) -> None:
         row = lab.server.wait_resource(mac, 30, "registration", lambda r: r.state == ResourceState.IDLE.value)
         assert in_pool(row.ip), row.ip
         assert row.cpus == cpus_like_agent() and row.memory_mb == memory_mb_like_agent()
-        assert row.kind == "physical" and row.hostname is None
+        assert row.kind == "physical" and row.hostname == "node-7"  # from DHCP option 12
         first_seen = row.last_seen
         row = lab.server.wait_resource(
             mac, 15, "heartbeats", lambda r: r.load is not None and r.last_seen > first_seen
         )
         text = agent.wait_log("registered as resource", 5)
-        assert f"dhcp: vn has {row.ip}/24" in text
+        assert f"dhcp: vn has {row.ip}/24 (router {SERVER_IP}" in text
+        routes = run(IP, "-n", lab.node_ns.name, "route").stdout
+        assert f"default via {SERVER_IP} dev vn" in routes
 
         # Another registration of the MAC replaces the token: the agent is refused (401),
         # registers again and carries on with its real facts.

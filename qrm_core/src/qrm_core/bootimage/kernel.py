@@ -195,7 +195,10 @@ def download_deb(version: str, cache_dir: Path) -> Path:
     try:
         _run(["apt-get", "download", "-q", package], f"download {package} with apt-get", cwd=cache_dir)
     except DriverError as exc:
-        if "Unable to locate" in exc.message or "no installation candidate" in exc.message:
+        if any(
+            text in exc.message
+            for text in ("Unable to locate", "Couldn't find any package", "no installation candidate")
+        ):
             raise InvalidInput(
                 f"apt knows no package {package}; check -k (apt-cache search linux-image) "
                 "or run apt-get update"
