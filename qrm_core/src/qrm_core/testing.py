@@ -27,7 +27,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,6 +279,27 @@ class RunningServer:
             return site.get_enrollment_token(ctx)
 
 
+@contextmanager
+def running_server(settings: Settings, *, engine_interval: float = 0.2) -> Iterator[RunningServer]:
+    """Run ``qrm server`` in this process (HTTP on 127.0.0.1, an ephemeral port)."""
+    from qrm_core.plugins import PluginSystem
+    from qrm_core.server import QrmServer
+    from qrm_core.services import service_context, users
+
+    plugins = PluginSystem(settings).load()
+    with service_context(settings, plugins=plugins) as ctx:
+        users.ensure_admin(ctx, None)
+    server = QrmServer(settings, plugins, "127.0.0.1", 0, engine_interval=engine_interval)
+    thread = server.start_in_thread()
+    try:
+        yield RunningServer(
+            url=f"http://127.0.0.1:{server.port}", server=server, settings=server.settings, plugins=plugins
+        )
+    finally:
+        server.stop()
+        thread.join(10)
+
+
 @pytest.fixture
 def qrm_server(qrm_settings: Settings) -> Iterator[RunningServer]:
     """A real ``qrm server`` (HTTP on 127.0.0.1, engine thread) on the test database.
@@ -286,19 +307,5 @@ def qrm_server(qrm_settings: Settings) -> Iterator[RunningServer]:
     Plugins are discovered from entry points, as in production. The default
     admin ``qrm``/``qrm`` exists.
     """
-    from qrm_core.plugins import get_plugin_system
-    from qrm_core.server import QrmServer
-    from qrm_core.services import service_context, users
-
-    plugins = get_plugin_system(qrm_settings)
-    with service_context(qrm_settings, plugins=plugins) as ctx:
-        users.ensure_admin(ctx, None)
-    server = QrmServer(qrm_settings, plugins, "127.0.0.1", 0, engine_interval=0.2)
-    thread = server.start_in_thread()
-    try:
-        yield RunningServer(
-            url=f"http://127.0.0.1:{server.port}", server=server, settings=qrm_settings, plugins=plugins
-        )
-    finally:
-        server.stop()
-        thread.join(10)
+    with running_server(qrm_settings) as server:
+        yield server
