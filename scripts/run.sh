@@ -1,26 +1,24 @@
 #!/usr/bin/env bash
-# Sets up qrm in .venv and runs it on the embedded SQLite default
-# (README: "Quick start"). Data goes to ~/.local/share/qrm unless QRM_DATA_DIR is set.
+# README "Quick start", first command: set up qrm in .venv and run it on the
+# embedded SQLite default: `qrm init`, then `qrm server` on 127.0.0.1:8080
+# (foreground; Ctrl-C stops it). Data goes to ~/.local/share/qrm unless
+# QRM_DATA_DIR is set. Extra arguments go to `qrm server` (e.g. --port 8081).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then bash scripts/system-packages.sh run; fi
-if [ ! -x .venv/bin/qrm ]; then
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  echo "python3-venv is missing: apt-get install python3-venv (or run this script as root)" >&2
+  exit 1
+fi
+stamp=.venv/.qrm-installed
+if [ ! -x .venv/bin/qrm ] || [ -n "$(find qrm_core plugins -name pyproject.toml -newer "$stamp" 2>/dev/null)" ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  plugins=()
-  for p in plugins/qrm_*/; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
-  .venv/bin/pip install -q -e ./qrm_core "${plugins[@]}"
+  packages=(-e ./qrm_core)
+  for p in plugins/qrm_*/; do [ -f "$p/pyproject.toml" ] && packages+=(-e "$p"); done
+  .venv/bin/pip install -q "${packages[@]}"
+  touch "$stamp"
 fi
-qrm=.venv/bin/qrm
-$qrm init
-echo
-echo "== qrm is ready. A short walk through the CLI (openQRM's verbs):"
-demo() { echo "\$ qrm $*"; $qrm "$@" || true; }
-demo plugins list
-$qrm storage show demo-storage >/dev/null 2>&1 || demo storage add -n demo-storage -t fake -i 10.0.11.35 -c "QRMSRC"
-$qrm filesystem-image show demo-root >/dev/null 2>&1 || demo filesystem-image add -n demo-root -s demo-storage -l /exports/demo
-demo storage list
-demo filesystem-image list
-demo boot-image list
-demo resource list
-demo events --limit 5
+.venv/bin/qrm init
+echo "qrm server: http://127.0.0.1:8080 (API /api/v1, docs /docs; user qrm, password qrm). Ctrl-C stops it."
+exec .venv/bin/qrm server --host 127.0.0.1 --port 8080 "$@"
