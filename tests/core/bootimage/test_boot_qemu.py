@@ -27,6 +27,7 @@ from agentlab import AgentPeer, Netns, QrmServerProcess, Udhcpd, stop_process
 
 from qrm_core.bootimage.builder import BuildResult
 from qrm_core.models import ResourceState, VEState
+from qrm_core.services import agent as agent_service
 from qrm_core.services import boot, boot_images, events, site, storage
 from qrm_core.services import virtual_environments as ves
 from qrm_core.testing import missing
@@ -71,7 +72,7 @@ def ve_root_archive() -> bytes:
 
 
 class VM:
-    def __init__(self, netns: Netns, config: boot.BootConfig, log: Path) -> None:
+    def __init__(self, netns: Netns, config: boot.BootConfig, log: Path, nic: str = "virtio-net-pci") -> None:
         self.log = log
         self._log = open(log, "wb")
         self.started = time.monotonic()
@@ -102,7 +103,7 @@ class VM:
                 "-netdev",
                 "tap,id=n0,ifname=tap0,script=no,downscript=no",
                 "-device",
-                f"virtio-net-pci,netdev=n0,mac={MAC}",
+                f"{nic},netdev=n0,mac={MAC}",
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -115,11 +116,11 @@ class VM:
         except subprocess.TimeoutExpired:
             row = server.resource(MAC)
             with server.ctx() as ctx:
-                ve = ves.show_ve(ctx, "web")
+                shown = [f"{v.name} {v.state} ({v.problem or 'no problem'})" for v in ves.list_ves(ctx)]
                 recent = [e.message for e in events.list_events(ctx, limit=15)]
             raise AssertionError(
                 f"the VM did not {why} within {timeout} s; resource {row.state} gen {row.boot_generation}, "
-                f"VE {ve.state} ({ve.problem or 'no problem'}); events {recent}\n"
+                f"VEs {shown}; events {recent}\n"
                 f"server log: {server.log_path.read_text()[-1500:]}\nconsole: {self.console()[-2000:]}"
             ) from None
         return time.monotonic() - self.started
@@ -248,3 +249,35 @@ def test_vm_registers_then_runs_a_ve_in_ram(vm_lab, boot_image: BuildResult, tmp
     assert row.boot_generation == 2
     ve_state(server, VEState.STOPPING.value, 5)
     print("timings:", {k: round(v, 1) for k, v in timings.items()})
+
+
+def test_an_e1000_machine_registers_and_obeys_halt(vm_lab, boot_image: BuildResult, tmp_path: Path) -> None:
+    """Another NIC (its driver found by the device's PCI alias), and a real power-off."""
+    netns, server, _ = vm_lab
+    with server.ctx() as ctx:
+        boot_images.add_boot_image(
+            ctx,
+            name="idle",
+            kernel_version=boot_image.kernel_version,
+            kernel=boot_image.kernel,
+            initrd=boot_image.initrd,
+            cmdline="console=ttyS0,115200n8 panic=-1",
+        )
+        config = boot.boot_config(
+            ctx, MAC, server_url=server.url, enrollment_token=site.get_enrollment_token(ctx)
+        )
+    vm = VM(netns, config, tmp_path / "console-e1000.log", nic="e1000")
+    try:
+        row = server.wait_resource(MAC, 90, "registration", lambda r: r.state == ResourceState.IDLE.value)
+        registered = time.monotonic() - vm.started
+        assert (row.cpus, row.memory_mb) == (CPUS, MEMORY_MB)
+        console = vm.console()
+        assert "loaded module e1000" in console and "loaded module virtio_net" not in console
+        with server.ctx() as ctx:
+            agent_service.order_halt(ctx, MAC)
+        vm.wait_exit(30, "power off", server)
+    finally:
+        vm.stop()
+    assert vm.proc.returncode == 0 and "the server commands: halt" in vm.console()
+    assert server.resource(MAC).state == ResourceState.OFF.value
+    print(f"e1000: power-on to registered {registered:.1f} s")
