@@ -56,6 +56,7 @@ class InitPublic(BaseModel):
     admin: str
     admin_created: bool
     default_password: bool
+    boot_image: str = ""
 
 
 class ResourceListPublic(BaseModel):

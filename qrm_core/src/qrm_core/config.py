@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     token: str | None = None
     """API token for ``--server`` instead of user and password (``QRM_TOKEN``)."""
 
+    init_boot_image: bool = True
+    """``qrm init`` builds the default boot image when there is none and a
+    kernel is available (a cached Debian kernel package or /boot)."""
+
     server_url: str | None = None
     """How booting machines reach ``qrm server`` (``http://10.0.0.1:8080``);
     default: built from the address and port the server listens on."""

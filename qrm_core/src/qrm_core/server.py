@@ -68,7 +68,7 @@ def prepare_database(settings: Settings, plugins: PluginSystem) -> None:
     ``qrm init`` does (a fresh install needs no separate step)."""
     from qrm_core.services import setup
 
-    result = setup.init(settings, actor="server", plugins=plugins)
+    result = setup.init(settings, actor="server", plugins=plugins, boot_image=False)
     if result.revision_before != result.revision:
         log.info("database prepared: %s -> %s", result.revision_before, result.revision)
 

@@ -193,6 +193,8 @@ def qrm_settings(qrm_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("QRM_DATA_DIR", str(data_dir))
     monkeypatch.setenv("QRM_DATABASE_URL", qrm_db_url)
     monkeypatch.setenv("QRM_ACTOR", "tester")
+    # A kernel in the developer's /boot must not make every 'qrm init' build an image.
+    monkeypatch.setenv("QRM_INIT_BOOT_IMAGE", "false")
     reset_settings_cache()
     set_plugin_system(None)
     settings = Settings()

@@ -235,6 +235,8 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
             message(f"{result.database} is up to date (schema {result.revision})")
         if result.admin_created:
             message(f"created the admin user '{result.admin}'")
+        if result.boot_image:
+            message(result.boot_image)
         if result.default_password:
             message(
                 f"the admin user '{result.admin}' has the default password; change it with "
@@ -317,6 +319,10 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         )
         if output is Output.json:
             show_one(result, output)
+
+    from qrm_core.cli.boot_build import register as register_boot_build
+
+    register_boot_build(boot_app)
 
     @boot_app.command("list")
     def boot_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qrm_core import db
 from qrm_core.services import service_context, site, users
@@ -21,6 +21,7 @@ class InitResult:
     admin: str
     admin_created: bool
     default_password: bool
+    boot_image: str = ""
 
 
 def safe_url(url: str) -> str:
@@ -39,8 +40,12 @@ def init(
     admin_password: str | None = None,
     actor: str | None = None,
     plugins: PluginSystem | None = None,
+    boot_image: bool | None = None,
+    progress: Any = None,
 ) -> InitResult:
-    """Create or upgrade the schema and make sure the admin user exists."""
+    """Create or upgrade the schema, make sure the admin user exists, and (when
+    ``boot_image``, default: ``settings.init_boot_image``) that idle machines
+    have a default boot image to boot."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = db.get_engine(settings)
     before, after = db.upgrade(engine)
@@ -56,6 +61,11 @@ def init(
         # Created here so that boot lookups (read-only) never have to.
         site.get_enrollment_token(ctx)
         default = users.default_password_unchanged(ctx)
+        boot_line = ""
+        if settings.init_boot_image if boot_image is None else boot_image:
+            from qrm_core.services.boot_build import ensure_default_boot_image
+
+            boot_line = ensure_default_boot_image(ctx, progress)
     return InitResult(
         database=safe_url(settings.effective_database_url),
         revision_before=before,
@@ -63,4 +73,5 @@ def init(
         admin=admin.name,
         admin_created=created,
         default_password=default,
+        boot_image=boot_line,
     )
