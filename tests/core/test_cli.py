@@ -195,3 +195,30 @@ def test_a_broken_configuration_file_is_one_line(qrm_cli, monkeypatch, tmp_path)
     result = qrm_cli("storage", "list")
     assert result.exit_code == 1 and result.stderr.startswith("error: cannot read the configuration file")
     assert "Traceback" not in result.stderr
+
+
+def test_events_follow_prints_new_events_as_they_happen(qrm_cli, qrm_settings) -> None:
+    import signal
+    import time
+
+    assert qrm_cli("init").exit_code == 0
+    env = {k: v for k, v in os.environ.items()}
+    exe = Path(sys.executable).parent / "qrm"
+    proc = subprocess.Popen(
+        [str(exe), "events", "--follow", "--limit", "1", "-o", "json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = json.loads(proc.stdout.readline())  # the newest existing event
+        assert first["object_type"] in ("user", "site", "database")
+        time.sleep(0.5)
+        assert qrm_cli("storage", "add", "-n", "followed", "-t", "fake", "-i", "10.0.0.1").exit_code == 0
+        line = json.loads(proc.stdout.readline())
+        assert line["object_name"] == "followed" and line["actor"] == "tester"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr.read()

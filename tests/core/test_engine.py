@@ -7,6 +7,7 @@ from sqlmodel import select
 from qrm_core.models import Resource
 from qrm_core.services import agent, boot_images, resources, service_context, storage
 from qrm_core.services import virtual_environments as ves
+from qrm_core.services.events import list_events
 
 
 @pytest.fixture
@@ -211,3 +212,76 @@ def test_partition_without_room_explains(site, qrm_ctx) -> None:
     ves.start_ve(qrm_ctx, "big")
     site.reconciler.tick()
     assert "no host of hypervisor fake has room" in _ve(site.settings, site.plugins, "big").problem
+
+
+def test_shared_pool_of_vms_is_spread_across_hosts(site, qrm_ctx) -> None:
+    from qrm_core.services import resources as res
+
+    hosts = [
+        site.add_node(f"52:54:00:00:02:0{i}", cpus=8, memory_mb=8192, hypervisors=["fake"]) for i in (1, 2)
+    ]
+    host_ids = [res.show_resource(qrm_ctx, h.mac).id for h in hosts]
+    # Two idle VMs on the first host, one on the second, sized alike.
+    for i, host in enumerate([host_ids[0], host_ids[0], host_ids[1]]):
+        res.add_resource(
+            qrm_ctx, mac=f"52:54:00:00:03:0{i}", kind="virtual", host=str(host), hypervisor="fake"
+        )
+        site.add_node(f"52:54:00:00:03:0{i}", cpus=2, memory_mb=1024)
+    ves.create_ve(
+        qrm_ctx,
+        name="pool",
+        boot_image="idle",
+        fs_image="root",
+        deployment="shared",
+        pool_size=2,
+        hypervisor="fake",
+    )
+    ves.start_ve(qrm_ctx, "pool")
+    site.settle(3)
+    members = [res.show_resource(qrm_ctx, mac) for mac in _ve(site.settings, site.plugins, "pool").resources]
+    assert len(members) == 2 and {m.host for m in members} == {hosts[0].mac, hosts[1].mac}
+
+
+def test_a_failed_vm_is_fenced_and_replaced(site, qrm_ctx) -> None:
+    from qrm_core.services.partitions import host_target
+
+    host = site.add_node("52:54:00:00:01:01", cpus=8, memory_mb=8192, hypervisors=["fake"])
+    ves.create_ve(
+        qrm_ctx,
+        name="vmve",
+        boot_image="idle",
+        fs_image="root",
+        deployment="partitioned",
+        hypervisor="fake",
+        memory_mb=512,
+        failover=True,
+    )
+    ves.start_ve(qrm_ctx, "vmve")
+    driver = site.plugins.hypervisor_driver("fake")
+
+    def partitions():
+        with service_context(site.settings, plugins=site.plugins) as ctx:
+            row = ctx.session.exec(select(Resource).where(Resource.mac == host.mac)).one()
+            return {p.name: p for p in driver.list_partitions(host_target(row))}
+
+    def boot_running_vms():
+        for p in partitions().values():
+            if p.state == "running" and p.mac not in site.nodes:
+                site.add_node(p.mac, cpus=p.cpus, memory_mb=p.memory_mb)
+
+    for _ in range(4):
+        site.step()
+        boot_running_vms()
+    first = _ve(site.settings, site.plugins, "vmve")
+    assert first.state == "running"
+    vm = site.nodes[first.resources[0]]
+    vm.alive = False  # the VM hangs: no more heartbeats
+    for _ in range(int(site.settings.heartbeat_timeout) + 10):
+        site.step()
+        boot_running_vms()
+    after = _ve(site.settings, site.plugins, "vmve")
+    assert after.state == "running" and after.resources != first.resources
+    states = {name: p.state for name, p in partitions().items()}
+    assert states == {"vmve-1": "stopped", "vmve-2": "running"}  # fenced, and a new one serves
+    events = [e.message for e in list_events(qrm_ctx, limit=200)]
+    assert any("partition vmve-1 fenced" in m for m in events)
