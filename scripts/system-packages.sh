@@ -5,7 +5,7 @@
 #   scripts/system-packages.sh test   # what the whole test suite needs
 set -euo pipefail
 what=${1:-test}
-run_pkgs=(python3 python3-venv python3-dev gcc ipxe pxelinux syslinux-common)
+run_pkgs=(python3 python3-venv python3-dev gcc ipxe pxelinux syslinux-common busybox-static kmod)
 test_pkgs=(
   "${run_pkgs[@]}"
   iproute2 procps curl

@@ -46,6 +46,7 @@ def test_idle_and_ve_boots(qrm_ctx, qrm_plugins, tmp_path: Path) -> None:
     storage.add_storage(qrm_ctx, name="st", type="fake", address="10.0.0.2")
     storage.add_filesystem_image(qrm_ctx, name="root", storage="st", location="/exports/root")
     web = ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root", kernel_args="nomodeset")
+    ves.start_ve(qrm_ctx, "web")
     res = resources.add_resource(qrm_ctx, mac="52:54:00:00:00:01")
     row = resources.find_resource_row(qrm_ctx, res.id)
     resources.transition(qrm_ctx, row, "idle")
@@ -66,6 +67,9 @@ def test_idle_and_ve_boots(qrm_ctx, qrm_plugins, tmp_path: Path) -> None:
         "console=ttyS0",
     ]
     assert config.root == "fake 10.0.0.2:/exports/root"
+    # A stopping VE's machines boot idle (and are released when they register).
+    ves.stop_ve(qrm_ctx, "web")
+    assert boot.boot_config(qrm_ctx, "52:54:00:00:00:01").mode == "idle"
 
 
 def test_a_plugin_cannot_inject_into_the_command_line(qrm_ctx, qrm_plugins, tmp_path: Path) -> None:

@@ -285,3 +285,32 @@ def test_a_failed_vm_is_fenced_and_replaced(site, qrm_ctx) -> None:
     assert states == {"vmve-1": "stopped", "vmve-2": "running"}  # fenced, and a new one serves
     events = [e.message for e in list_events(qrm_ctx, limit=200)]
     assert any("partition vmve-1 fenced" in m for m in events)
+
+
+def test_an_agent_reporting_failure_fails_over_at_once(site, qrm_ctx) -> None:
+    site.add_node("52:54:00:00:00:01")
+    site.add_node("52:54:00:00:00:02")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root", failover=True)
+    ves.start_ve(qrm_ctx, "web")
+    site.settle(3)
+    first = site.nodes[_ve(site.settings, site.plugins, "web").resources[0]]
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        answer = agent.heartbeat(
+            ctx,
+            resource_id=first.resource_id,
+            token=first.token,
+            state="failed",
+            reason="cannot fetch the root filesystem\nHTTP 404",
+            boot_generation=first.generation,
+            now=site.clock(),
+        )
+    assert answer.command == "none"
+    row = _res(site.settings, site.plugins, first.mac)
+    assert row.state == "error"
+    site.reconciler.tick()  # the engine's next pass, before any timeout: fenced and released
+    assert _res(site.settings, site.plugins, first.mac).ve is None
+    site.settle(3)
+    web = _ve(site.settings, site.plugins, "web")
+    assert web.state == "running" and web.resources != [first.mac]
+    events = [e.message for e in list_events(qrm_ctx, limit=50)]
+    assert any("its agent reports failure: cannot fetch the root filesystem HTTP 404" in m for m in events)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from qrm_ramdisk.driver import RamdiskStorage
 from ramdisklab import Netns, QrmServerProcess, Udhcpd, http_status, kernel_deb, stop_process
 from sqlmodel import select
 
@@ -27,6 +26,7 @@ from qrm_core.models import Resource, ResourceState, VEState
 from qrm_core.services import agent, boot, boot_build, boot_images, site, storage
 from qrm_core.services import virtual_environments as ves
 from qrm_core.testing import missing
+from qrm_ramdisk.driver import RamdiskStorage
 
 SERVER_IP = "10.231.2.1"
 MAC = "52:54:00:52:0e:01"
@@ -99,6 +99,10 @@ def test_a_vm_boots_its_ve_from_a_ramdisk_volume(lab, tmp_path: Path) -> None:
         15,
         "the engine to assign the machine",
     )
+    # The engine exports the volume right after committing the assignment.
+    deadline = time.monotonic() + 15
+    while driver.list_volumes(target)[0].exported_to != (VM_IP,) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert driver.list_volumes(target)[0].exported_to == (VM_IP,)
 
     with server.ctx() as ctx:

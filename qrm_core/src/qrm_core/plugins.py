@@ -334,6 +334,13 @@ class PluginSystem:
         self._discover_plugins = discover_plugins
         self._loaded = False
 
+    def use_settings(self, settings: Settings) -> None:
+        """Adopt updated settings (the server learns its URL after binding); drivers
+        are rebuilt with them on next use."""
+        with self._lock:
+            self.settings = settings
+            self._drivers.clear()
+
     # -- discovery -------------------------------------------------------
 
     def load(self) -> PluginSystem:

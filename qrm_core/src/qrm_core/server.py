@@ -140,9 +140,10 @@ class QrmServer:
         self.services = RunningServices()
 
     def _publish_server_url(self) -> None:
-        """Everything the server runs (plugin services, boot configs) sees the URL machines use."""
+        """Everything the server runs (plugin services, drivers, boot configs) sees the URL machines use."""
         if self.server_url and self.settings.server_url != self.server_url:
             self.settings = self.settings.model_copy(update={"server_url": self.server_url})
+            self.plugins.use_settings(self.settings)
 
     def _bound(self, sock: socket.socket) -> None:
         """The socket is bound: the real port is known, and with it the default URL."""

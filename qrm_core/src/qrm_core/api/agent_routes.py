@@ -17,6 +17,7 @@ from qrm_core.services import ServiceContext, agent, boot, site
 router = APIRouter()
 Ctx = Annotated[ServiceContext, Depends(get_ctx)]
 
+MAX_ID = 2**31 - 1  # ids and counters fit every database's integer column
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -27,7 +28,7 @@ class RegisterRequest(BaseModel):
     memory_mb: int = Field(ge=0, le=64 * 1024 * 1024)
     hostname: str | None = Field(default=None, max_length=64)
     hypervisors: list[str] = Field(default_factory=list, max_length=16)
-    boot_generation: int = Field(default=0, ge=0)
+    boot_generation: int = Field(default=0, ge=0, le=MAX_ID)
     mode: Literal["idle", "ve"] = "idle"
     ve: str | None = Field(default=None, max_length=64)
 
@@ -41,10 +42,11 @@ class RegisterResponse(BaseModel):
 
 
 class HeartbeatRequest(BaseModel):
-    resource_id: int
-    state: Literal["idle", "active"]
+    resource_id: int = Field(ge=1, le=MAX_ID)
+    state: Literal["idle", "active", "failed"]
+    reason: str | None = Field(default=None, max_length=200)
     load: float | None = Field(default=None, ge=0, le=1e6)
-    boot_generation: int = Field(default=0, ge=0)
+    boot_generation: int = Field(default=0, ge=0, le=MAX_ID)
 
 
 class HeartbeatResponse(BaseModel):
@@ -101,6 +103,7 @@ def heartbeat(request: Request, ctx: Ctx, body: HeartbeatRequest) -> HeartbeatRe
             state=body.state,
             load=body.load,
             boot_generation=body.boot_generation,
+            reason=body.reason,
         )
     except Exception:
         _count(request, "heartbeat", "error")

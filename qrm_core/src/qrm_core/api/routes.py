@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 from sqlmodel import select
 
@@ -40,6 +40,9 @@ from qrm_core.services import (
 from qrm_core.services import virtual_environments as ves
 
 router = APIRouter(prefix="/api/v1")
+
+MAX_ID = 2**31 - 1  # ids and counters fit every database's integer column
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def _wake(request: Request) -> None:
@@ -108,7 +111,7 @@ def create_token(user: Viewer, ctx: Ctx, body: TokenCreate) -> TokenCreated:
 
 
 @router.delete("/auth/tokens/{token_id}", tags=["auth"])
-def revoke_token(user: Viewer, ctx: Ctx, token_id: int) -> dict[str, bool]:
+def revoke_token(user: Viewer, ctx: Ctx, token_id: Id) -> dict[str, bool]:
     row = ctx.session.get(ApiToken, token_id)
     owner = ctx.session.exec(select(User).where(User.name == user.name)).one()
     if row is None or (row.user_id != owner.id and user.role != "admin"):
@@ -216,10 +219,10 @@ def boot_add(
     if (kernel is None) != (initrd is None):
         raise InvalidInput("give both kernel and initrd files, or neither")
     with tempfile.TemporaryDirectory(prefix="qrm-upload-") as tmp:
-        paths: dict[str, Path] = {}
+        paths: dict[str, FilePath] = {}
         for label, upload in (("kernel", kernel), ("initrd", initrd)):
             if upload is not None:
-                path = Path(tmp) / label
+                path = FilePath(tmp) / label
                 with open(path, "wb") as out:
                     shutil.copyfileobj(upload.file, out, 1 << 20)
                 paths[label] = path
@@ -271,7 +274,7 @@ class VECreate(BaseModel):
 
 
 class VEResize(BaseModel):
-    pool_size: int
+    pool_size: int = Field(ge=1, le=10000)
 
 
 @router.get("/ves", tags=["virtual environments"])
@@ -341,7 +344,7 @@ def resource_list(
     state: str | None = None,
     kind: str | None = None,
     ve: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int | None, Query(ge=1, le=100000)] = None,
 ) -> ResourceListPublic:
     page = resources.list_resources(ctx, state=state, kind=kind, ve=ve, offset=offset, limit=limit)
@@ -400,7 +403,7 @@ def event_list(
     user: Viewer,
     ctx: Ctx,
     limit: Annotated[int, Query(ge=1, le=10000)] = 50,
-    after_id: int | None = None,
+    after_id: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     object_type: str | None = None,
     object_name: str | None = None,
     level: str | None = None,

@@ -717,6 +717,9 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         help="A data center in a box: simulated agents, QEMU machines.", no_args_is_help=True
     )
     app.add_typer(lab_app, name="lab")
+    from qrm_core.cli.lab import register as register_lab  # up, down, status, console, vm (QEMU lab)
+
+    register_lab(lab_app)
 
     @lab_app.command("simulate")
     def lab_simulate(

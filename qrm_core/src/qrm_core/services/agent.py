@@ -236,14 +236,22 @@ def heartbeat(
     *,
     resource_id: int,
     token: str | None,
-    state: Literal["idle", "active"],
+    state: Literal["idle", "active", "failed"],
     load: float | None = None,
     boot_generation: int = 0,
+    reason: str | None = None,
     now: datetime | None = None,
 ) -> HeartbeatAnswer:
-    """Record a heartbeat and answer with the command for the machine."""
-    if state not in ("idle", "active"):
-        raise InvalidInput("state must be idle or active")
+    """Record a heartbeat and answer with the command for the machine.
+
+    ``failed`` is an agent saying it cannot do its job (the VE's root cannot be
+    fetched, ...): the resource goes to ``error`` at once, with the reason, so
+    failover need not wait for the heartbeat timeout.
+    """
+    if state not in ("idle", "active", "failed"):
+        raise InvalidInput("state must be idle, active or failed")
+    if reason is not None:
+        reason = v.comment(reason[:200].replace("\n", " "), "reason")
     if load is not None and (load < 0 or load > 1e6):
         raise InvalidInput("load is out of range")
     row = authenticate_resource(ctx, resource_id, token)
@@ -258,6 +266,9 @@ def heartbeat(
         row.pending_command = None
         if row.state != S.OFF.value:
             transition(ctx, row, S.OFF, "halted on request")
+    elif state == "failed":
+        if row.state != S.ERROR.value:
+            transition(ctx, row, S.ERROR, f"its agent reports failure: {reason or 'no reason given'}")
     else:
         command = _apply_heartbeat(ctx, row, state)
     ctx.commit()

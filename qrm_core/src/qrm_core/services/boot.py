@@ -6,7 +6,7 @@ legacy pxelinux files, the server's ``/agent/v1/boot/{mac}`` endpoint):
 * a machine that is unknown, idle, new, off or in error boots the **default
   boot image** (``mode = "idle"``): its agent registers and heartbeats;
 * a machine assigned to a virtual environment (``assigned``, ``booting``,
-  ``active``) boots **the VE's boot image** with the root filesystem its
+  ``active``) that should run boots **the VE's boot image** with the root filesystem its
   storage driver describes, the VE's kernel arguments and whatever plugins add
   through :func:`~qrm_core.hookspecs.qrm_boot_kernel_args` (``mode = "ve"``);
 * with no default boot image there is nothing to boot (``mode = "none"``).
@@ -30,6 +30,7 @@ from qrm_core.models import (
     Resource,
     ResourceState,
     StorageServer,
+    VEDesiredState,
     VirtualEnvironment,
 )
 from qrm_core.services import ServiceContext, public
@@ -84,6 +85,8 @@ def boot_config(
     ve: VirtualEnvironment | None = None
     if resource is not None and resource.ve_id is not None and resource.state in VE_BOOT_STATES:
         ve = ctx.session.get(VirtualEnvironment, resource.ve_id)
+        if ve is not None and ve.desired_state != VEDesiredState.RUNNING.value:
+            ve = None  # its VE is stopping: boot idle, and be released on registration
     image = ctx.session.get(BootImage, ve.boot_image_id) if ve is not None else default_boot_image_row(ctx)
     generation = resource.boot_generation if resource is not None else 0
     if image is None:

@@ -21,6 +21,8 @@ def list_events(
     """The newest ``limit`` events (oldest first), optionally only those after ``after_id``."""
     if limit < 1 or limit > 10000:
         raise InvalidInput("limit must be between 1 and 10000")
+    if after_id is not None and not 0 <= after_id < 2**31:
+        raise InvalidInput("after_id is out of range")
     if level is not None and level not in EventLevel.values():
         raise InvalidInput(f"unknown level {level!r}; use one of {', '.join(EventLevel.values())}")
     query = select(Event)

@@ -81,7 +81,8 @@ def find_resource_row(ctx: ServiceContext, ref: str | int) -> Resource:
     row: Resource | None = None
     text = str(ref).strip()
     if isinstance(ref, int) or text.isdigit():
-        row = ctx.session.get(Resource, int(text))
+        number = int(text)
+        row = ctx.session.get(Resource, number) if 0 < number < 2**31 else None
     elif v.looks_like_mac(text):
         row = ctx.session.exec(select(Resource).where(Resource.mac == v.mac(text))).first()
     else:
