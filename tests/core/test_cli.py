@@ -222,3 +222,8 @@ def test_events_follow_prints_new_events_as_they_happen(qrm_cli, qrm_settings) -
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr.read()
+
+
+def test_boot_image_create_refuses_remote_mode(qrm_cli) -> None:
+    result = qrm_cli("--server", "http://127.0.0.1:9", "boot-image", "create", "-n", "x", "-k", "6.1")
+    assert result.exit_code == 1 and "builds on the machine that keeps qrm's data" in result.stderr

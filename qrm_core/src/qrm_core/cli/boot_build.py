@@ -69,6 +69,14 @@ def register(boot_app: typer.Typer) -> None:
 
         from qrm_core.services import boot_build, service_context
 
+        state = ctx.find_root().obj
+        if getattr(state, "remote", False):
+            from qrm_core.errors import InvalidInput
+
+            raise InvalidInput(
+                "boot-image create builds on the machine that keeps qrm's data; run it there "
+                "(or build elsewhere and upload with 'qrm --server ... boot-image add --kernel F --initrd F')"
+            )
         settings = _settings(ctx)
         console = Console(stderr=True)
         with Progress(
