@@ -238,8 +238,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise InvalidInput(f"cannot listen on {host!r}: {exc.strerror}") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # With the protocol given (IPPROTO_TCP), asyncio sets TCP_NODELAY on every
+    # accepted connection; without it, replies written in two parts (headers,
+    # body) wait ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
