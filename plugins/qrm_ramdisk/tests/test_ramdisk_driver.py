@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from qrm_ramdisk import plugin
-from qrm_ramdisk.driver import RamdiskStorage
 
 from qrm_core.config import Settings
 from qrm_core.drivers.base import ExportClient, StorageTarget
 from qrm_core.errors import DriverError, InvalidInput, NotFound
 from qrm_core.services import boot, boot_images, resources, storage
 from qrm_core.services import virtual_environments as ves
+from qrm_ramdisk import plugin
+from qrm_ramdisk.driver import RamdiskStorage
 
 RAM = StorageTarget(name="ram", type="ramdisk", address="10.0.0.1")
 NODE = ExportClient(mac="52:54:00:00:00:05", ip="10.0.0.5")
@@ -164,6 +164,7 @@ def test_through_qrm_services(qrm_ctx, qrm_settings, tmp_path: Path, monkeypatch
         qrm_ctx, name="idle", kernel_version="6.1", kernel=tmp_path / "k", initrd=tmp_path / "i"
     )
     web = ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="scratch")
+    ves.start_ve(qrm_ctx, "web")  # a VE boot is only for a VE that should run
     res = resources.add_resource(qrm_ctx, mac=NODE.mac, ip=NODE.ip)
     row = resources.find_resource_row(qrm_ctx, res.id)
     resources.transition(qrm_ctx, row, "idle")

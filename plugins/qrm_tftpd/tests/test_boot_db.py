@@ -49,6 +49,7 @@ def site_setup(qrm_ctx, qrm_plugins, tmp_path: Path) -> dict[str, bytes]:
     web = ves.create_ve(
         qrm_ctx, name="web", boot_image="web-kernel", fs_image="root", kernel_args="nomodeset"
     )
+    ves.start_ve(qrm_ctx, "web")  # a VE boot is only for a VE that should run
     res = resources.add_resource(qrm_ctx, mac=ASSIGNED)
     row = resources.find_resource_row(qrm_ctx, res.id)
     resources.transition(qrm_ctx, row, "idle")

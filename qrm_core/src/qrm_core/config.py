@@ -9,19 +9,24 @@ built-in defaults.
 from __future__ import annotations
 
 import os
+import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 
 import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from qrm_core.errors import QrmError
 
 
 def default_data_dir() -> Path:
@@ -152,3 +157,80 @@ def get_settings() -> Settings:
 def reset_settings_cache() -> None:
     """Forget the cached settings (tests change the environment between runs)."""
     get_settings.cache_clear()
+
+
+# ---------------------------------------------------------------------------
+# Plugins' own settings
+# ---------------------------------------------------------------------------
+
+
+def read_config_table(name: str) -> dict[str, Any]:
+    """The ``[name]`` table of the qrm configuration file (empty if there is none)."""
+    path = config_file()
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as handle:
+            table = tomllib.load(handle).get(name, {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        from qrm_core.errors import InvalidInput
+
+        raise InvalidInput(f"cannot read {path}: {exc}") from None
+    return table if isinstance(table, dict) else {}
+
+
+class PluginSettings(BaseSettings):
+    """Base class of a plugin's settings.
+
+    Values come from the keyword arguments, then the environment
+    (``QRM_<NAME>_*``, set ``model_config = SettingsConfigDict(env_prefix=...)``),
+    then the ``[<plugin_table>]`` table of ``qrm.toml``. :meth:`load` turns a bad
+    value into one line naming the variable::
+
+        class TftpSettings(PluginSettings):
+            model_config = SettingsConfigDict(env_prefix="QRM_TFTPD_", extra="ignore")
+            plugin_table: ClassVar[str] = "tftpd"
+            port: int = 69
+
+        settings = TftpSettings.load()
+    """
+
+    plugin_table: ClassVar[str] = ""
+    #: How errors name a setting ("invalid <label> QRM_X_Y: ...").
+    error_label: ClassVar[str] = "setting"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        table = read_config_table(cls.plugin_table) if cls.plugin_table else {}
+        if table:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=table))
+        return (init_settings, env_settings)
+
+    @classmethod
+    def load(cls, *, error: type[QrmError] | None = None, **overrides: Any) -> Self:
+        """The settings, with overrides (None values ignored); a bad value is one
+        line (:class:`~qrm_core.errors.InvalidInput`, or ``error``)."""
+        from pydantic import ValidationError
+
+        from qrm_core.errors import InvalidInput
+
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            prefix = str(cls.model_config.get("env_prefix", ""))
+            text = (
+                f"invalid {cls.error_label} {prefix}{where.upper()}: {message}"
+                if where
+                else (f"invalid {cls.error_label}: {message}")
+            )
+            raise (error or InvalidInput)(text) from None

@@ -17,20 +17,16 @@ import binascii
 import ipaddress
 import os
 import re
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from qrm_core.config import Settings, default_data_dir
+from qrm_core.config import PluginSettings, Settings
 from qrm_core.errors import InvalidInput
 
 ENV_PREFIX = "QRM_DHCPD_"
@@ -50,10 +46,11 @@ _BAD_PATH = re.compile(r"[\x00-\x1f\x7f\"'\\]")
 UNIX_PATH_MAX = 107
 
 
-class DhcpdSettings(BaseSettings):
+class DhcpdSettings(PluginSettings):
     """Everything the DHCP service can be configured with."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    plugin_table: ClassVar[str] = "dhcpd"
 
     backend: Literal["kea", "isc"] = "kea"
     """``kea`` (Kea DHCPv4; live changes over its control socket or its hosts
@@ -272,20 +269,6 @@ class DhcpdSettings(BaseSettings):
             raise ValueError("QRM_DHCPD_DNS_SERVERS: at most 8 DNS servers")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        table = _toml_table()
-        if table:
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=table))
-        return (init_settings, env_settings)
-
     # -- derived values --------------------------------------------------
 
     @property
@@ -360,35 +343,9 @@ def check_secret(value: str) -> bytes:
     return raw
 
 
-def _toml_table() -> dict[str, Any]:
-    """The ``[dhcpd]`` table of the qrm configuration file, if any (found as core finds it)."""
-    explicit = os.environ.get("QRM_CONFIG")
-    if explicit:
-        path = Path(explicit)
-    else:
-        data_dir = os.environ.get("QRM_DATA_DIR")
-        path = (Path(data_dir) if data_dir else default_data_dir()) / "qrm.toml"
-    if not path.is_file():
-        return {}
-    try:
-        with path.open("rb") as handle:
-            table = tomllib.load(handle).get("dhcpd", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}") from None
-    return table if isinstance(table, dict) else {}
-
-
 def load_settings(**overrides: Any) -> DhcpdSettings:
     """The DHCP settings; a bad value gives one line naming the variable."""
-    try:
-        return DhcpdSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-        if where:
-            raise InvalidInput(f"invalid setting {ENV_PREFIX}{where.upper()}: {msg}") from None
-        raise InvalidInput(f"invalid DHCP setting: {msg}") from None
+    return DhcpdSettings.load(**overrides)
 
 
 def require_configured(settings: DhcpdSettings) -> DhcpdSettings:

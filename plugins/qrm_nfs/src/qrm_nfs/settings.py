@@ -12,16 +12,14 @@ quoting trivial and makes injection through a setting impossible.
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from qrm_core.config import Settings, default_data_dir
+from qrm_core.config import PluginSettings, Settings
 from qrm_core.errors import DriverError
 
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -42,31 +40,12 @@ def check_safe_path(value: str | Path, what: str) -> Path:
     return Path(text.rstrip("/"))
 
 
-class _QrmTomlTable(PydanticBaseSettingsSource):
-    """Reads the ``[nfs]`` table of the qrm configuration file, if there is one."""
-
-    def __init__(self, settings_cls: type[BaseSettings], config_file: Path | None) -> None:
-        super().__init__(settings_cls)
-        self.config_file = config_file
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        if self.config_file is None or not self.config_file.is_file():
-            return {}
-        try:
-            data = tomllib.loads(self.config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DriverError(f"cannot read {self.config_file}: {exc}") from None
-        table = data.get("nfs", {})
-        return table if isinstance(table, dict) else {}
-
-
-class NfsSettings(BaseSettings):
+class NfsSettings(PluginSettings):
     """How the ``nfs`` storage driver finds (or runs) its nfs-ganesha."""
 
     model_config = SettingsConfigDict(env_prefix="QRM_NFS_", extra="ignore")
+    plugin_table: ClassVar[str] = "nfs"
+    error_label: ClassVar[str] = "nfs setting"
 
     export_root: Path | None = None
     """Directory holding the volumes, one subdirectory per volume. Required to
@@ -135,17 +114,6 @@ class NfsSettings(BaseSettings):
             raise ValueError(f"netns {value!r} is not a network namespace name")
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _QrmTomlTable(settings_cls, config_file()))
-
     # -- derived values --------------------------------------------------
 
     def effective_state_dir(self, core: Settings) -> Path:
@@ -162,22 +130,6 @@ class NfsSettings(BaseSettings):
         return self.effective_state_dir(core) / "ganesha.log" if self.run_ganesha else None
 
 
-def config_file() -> Path:
-    """The qrm configuration file, found as core finds it: ``QRM_CONFIG``, else
-    ``qrm.toml`` in ``QRM_DATA_DIR`` or the default data directory."""
-    explicit = os.environ.get("QRM_CONFIG")
-    if explicit:
-        return Path(explicit)
-    data_dir = os.environ.get("QRM_DATA_DIR")
-    return (Path(data_dir) if data_dir else default_data_dir()) / "qrm.toml"
-
-
 def load_settings(**overrides: Any) -> NfsSettings:
     """Read the plugin's settings; an invalid one is a one-line :class:`DriverError`."""
-    try:
-        return NfsSettings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise DriverError(f"invalid nfs setting QRM_NFS_{where.upper()}: {message}") from None
+    return NfsSettings.load(error=DriverError, **overrides)

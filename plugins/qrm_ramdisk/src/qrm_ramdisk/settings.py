@@ -6,19 +6,21 @@ Precedence, highest first: keyword arguments, environment variables, defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator
+from pydantic_settings import SettingsConfigDict
 
-from qrm_core.config import Settings
+from qrm_core.config import PluginSettings, Settings
 from qrm_core.errors import DriverError
 
 
-class RamdiskSettings(BaseSettings):
+class RamdiskSettings(PluginSettings):
     """Where archives live and how booting machines reach them."""
 
     model_config = SettingsConfigDict(env_prefix="QRM_RAMDISK_", extra="ignore")
+    plugin_table: ClassVar[str] = "ramdisk"
+    error_label: ClassVar[str] = "ramdisk setting"
 
     root: Path | None = None
     """Directory holding one subdirectory per ramdisk storage server.
@@ -58,10 +60,4 @@ class RamdiskSettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> RamdiskSettings:
     """Read the plugin's settings; an invalid one is a one-line :class:`DriverError`."""
-    try:
-        return RamdiskSettings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise DriverError(f"invalid ramdisk setting QRM_RAMDISK_{where.upper()}: {message}") from None
+    return RamdiskSettings.load(error=DriverError, **overrides)

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from qrm_core.config import Settings, config_file
+from qrm_core.config import PluginSettings, Settings
 from qrm_core.errors import InvalidInput
 
 #: What a server URL may look like: it is written into iPXE scripts, so no
@@ -30,10 +26,11 @@ from qrm_core.errors import InvalidInput
 URL_RE = re.compile(r"^https?://[A-Za-z0-9._~:/?=%+,@\[\]-]+$")
 
 
-class TftpSettings(BaseSettings):
+class TftpSettings(PluginSettings):
     """Everything the TFTP service can be configured with."""
 
     model_config = SettingsConfigDict(env_prefix="QRM_TFTPD_", extra="ignore")
+    plugin_table: ClassVar[str] = "tftpd"
 
     enabled: bool = True
     """Whether ``qrm server`` runs the TFTP service (the plugin must also be enabled)."""
@@ -114,20 +111,6 @@ class TftpSettings(BaseSettings):
             raise ValueError(f"{value!r} is not a plain http(s) URL")
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        table = _toml_table()
-        if table:
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=table))
-        return (init_settings, env_settings)
-
     # -- derived values --------------------------------------------------
 
     def root_dir(self, core: Settings) -> Path:
@@ -146,26 +129,6 @@ class TftpSettings(BaseSettings):
         return None
 
 
-def _toml_table() -> dict[str, Any]:
-    """The ``[tftpd]`` table of the qrm configuration file, if any."""
-    path = config_file()
-    if not path.is_file():
-        return {}
-    try:
-        with path.open("rb") as handle:
-            table = tomllib.load(handle).get("tftpd", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}") from None
-    return table if isinstance(table, dict) else {}
-
-
 def load_settings(**overrides: Any) -> TftpSettings:
     """The TFTP settings, with command-line overrides; bad values give one line."""
-    from pydantic import ValidationError
-
-    try:
-        return TftpSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidInput(f"invalid setting QRM_TFTPD_{where.upper()}: {first.get('msg')}") from None
+    return TftpSettings.load(**overrides)

@@ -35,6 +35,14 @@ WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="wait until it is do
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait at most")]
 
 
+def done(result: Any, text: str, output: Output) -> None:
+    """Confirm a change: one line for people, or the changed object as JSON."""
+    if output is Output.json:
+        show_one(result, output)
+    else:
+        message(text, output)
+
+
 def show_version(value: bool) -> None:
     if value:
         typer.echo(f"qrm {__version__}")
@@ -259,9 +267,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Add a storage server."""
         result = _client(ctx).storage_add(name, type, ip, comment)
-        message(f"added storage server {result.name} ({result.type} at {result.address})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"added storage server {result.name} ({result.type} at {result.address})", output)
 
     @storage_app.command("list")
     def storage_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
@@ -277,9 +283,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def storage_remove(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
         """Remove a storage server that holds no filesystem images."""
         result = _client(ctx).storage_remove(name)
-        message(f"removed storage server {result.name}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"removed storage server {result.name}", output)
 
     # -- boot images -----------------------------------------------------
 
@@ -338,17 +342,13 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def boot_default(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
         """Make a boot image the one idle machines boot."""
         result = _client(ctx).boot_image_set_default(name)
-        message(f"boot image {result.name} is the default", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"boot image {result.name} is the default", output)
 
     @boot_app.command("remove")
     def boot_remove(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
         """Remove a boot image no virtual environment uses."""
         result = _client(ctx).boot_image_remove(name)
-        message(f"removed boot image {result.name}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"removed boot image {result.name}", output)
 
     # -- filesystem images ----------------------------------------------
 
@@ -373,9 +373,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         result = _client(ctx).fs_image_add(
             name=name, storage=storage, location=location, size_mb=size, comment=comment
         )
-        message(f"added filesystem image {result.name} ({result.storage}:{result.location})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"added filesystem image {result.name} ({result.storage}:{result.location})", output)
 
     @fs_app.command("list")
     def fs_list(
@@ -402,9 +400,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Remove a filesystem image no virtual environment uses."""
         result = _client(ctx).fs_image_remove(name, purge)
-        message(f"removed filesystem image {result.name}" + (" and its volume" if purge else ""), output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"removed filesystem image {result.name}" + (" and its volume" if purge else ""), output)
 
     # -- virtual environments -------------------------------------------
 
@@ -461,9 +457,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
             kernel_args=kernel_args,
             comment=comment,
         )
-        message(f"created virtual environment {result.name} ({result.deployment})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"created virtual environment {result.name} ({result.deployment})", output)
 
     @ve_app.command("list")
     def ve_list(
@@ -483,9 +477,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     def ve_remove(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
         """Remove a stopped virtual environment."""
         result = _client(ctx).ve_remove(name)
-        message(f"removed virtual environment {result.name}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"removed virtual environment {result.name}", output)
 
     @ve_app.command("start")
     def ve_start(
@@ -500,9 +492,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         result = client.ve_start(name)
         if wait:
             result = wait_for_ve(client, name, "running", timeout, output)
-        message(f"virtual environment {result.name} is {result.state}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"virtual environment {result.name} is {result.state}", output)
 
     @ve_app.command("stop")
     def ve_stop(
@@ -517,9 +507,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         result = client.ve_stop(name)
         if wait:
             result = wait_for_ve(client, name, "stopped", timeout, output)
-        message(f"virtual environment {result.name} is {result.state}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"virtual environment {result.name} is {result.state}", output)
 
     @ve_app.command("resize")
     def ve_resize(
@@ -530,9 +518,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Change the pool size of a shared virtual environment."""
         result = _client(ctx).ve_resize(name, pool_size)
-        message(f"virtual environment {result.name} now wants {result.pool_size} resources", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"virtual environment {result.name} now wants {result.pool_size} resources", output)
 
     # -- resources -------------------------------------------------------
 
@@ -567,9 +553,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
             memory_mb=memory,
             comment=comment,
         )
-        message(f"added resource {result.id} ({result.mac})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"added resource {result.id} ({result.mac})", output)
 
     @resource_app.command("list")
     def resource_list(
@@ -616,9 +600,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Remove a resource that serves no virtual environment."""
         result = _client(ctx).resource_remove(mac_or_id)
-        message(f"removed resource {result.id} ({result.mac})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"removed resource {result.id} ({result.mac})", output)
 
     @resource_app.command("reboot")
     def resource_reboot(
@@ -628,9 +610,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Reboot a resource at its next heartbeat (into whatever it should boot now)."""
         result = _client(ctx).resource_reboot(mac_or_id)
-        message(f"reboot ordered for resource {result.id} ({result.mac})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"reboot ordered for resource {result.id} ({result.mac})", output)
 
     @resource_app.command("halt")
     def resource_halt(
@@ -640,9 +620,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Power a resource off at its next heartbeat (it must serve no VE)."""
         result = _client(ctx).resource_halt(mac_or_id)
-        message(f"halt ordered for resource {result.id} ({result.mac})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"halt ordered for resource {result.id} ({result.mac})", output)
 
     partition_app = typer.Typer(
         help="Partitions: VMs the engine created on hypervisor hosts.", no_args_is_help=True
@@ -665,9 +643,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Destroy a partition (its VM) that serves no virtual environment."""
         result = _client(ctx).partition_remove(name, host)
-        message(f"destroyed partition {result.name} on {result.host}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"destroyed partition {result.name} on {result.host}", output)
 
     # -- events ----------------------------------------------------------
 
@@ -779,9 +755,7 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Add a user."""
         result = _client(ctx).user_add(name, password, role)
-        message(f"added user {result.name} ({result.role})", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"added user {result.name} ({result.role})", output)
 
     @user_app.command("list")
     def user_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
@@ -799,17 +773,13 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     ) -> None:
         """Set a user's password."""
         result = _client(ctx).user_passwd(name, password)
-        message(f"changed the password of {result.name}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"changed the password of {result.name}", output)
 
     @user_app.command("remove")
     def user_remove(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
         """Remove a user (not the last admin)."""
         result = _client(ctx).user_remove(name)
-        message(f"removed user {result.name}", output)
-        if output is Output.json:
-            show_one(result, output)
+        done(result, f"removed user {result.name}", output)
 
     # -- plugins ---------------------------------------------------------
 
