@@ -1,19 +1,20 @@
-"""The example plugin's own settings, read from ``QRM_EXAMPLE_*`` variables.
+"""The example plugin's own settings, from ``QRM_EXAMPLE_*`` variables or the
+``[example]`` table of ``qrm.toml``.
 
 A plugin never adds fields to core's :class:`~qrm_core.config.Settings`; it
-keeps its own pydantic-settings class with its own prefix, and derives paths
-from core's ``data_dir`` so that one ``QRM_DATA_DIR`` moves everything.
+keeps its own settings class (core's :class:`~qrm_core.config.PluginSettings`)
+with its own prefix, and derives paths from core's ``data_dir`` so that one
+``QRM_DATA_DIR`` moves everything.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from qrm_core.errors import InvalidInput
+from qrm_core.config import PluginSettings
 
 if TYPE_CHECKING:
     from qrm_core.config import Settings
@@ -21,10 +22,11 @@ if TYPE_CHECKING:
 ENV_PREFIX = "QRM_EXAMPLE_"
 
 
-class ExampleSettings(BaseSettings):
+class ExampleSettings(PluginSettings):
     """Everything the example plugin can be configured with."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    plugin_table: ClassVar[str] = "example"
 
     kernel_arg: bool = False
     """Add ``qrm.inventory=1`` to the kernel command line of every boot
@@ -45,12 +47,7 @@ def load(core: Settings) -> ExampleSettings:
     Read on every use rather than cached, so a changed environment (tests, a
     long-running server restarted with new settings) is honoured.
     """
-    try:
-        own = ExampleSettings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidInput(f"invalid setting {ENV_PREFIX}{field.upper()}: {first.get('msg')}") from None
+    own = ExampleSettings.load()  # a bad value: one line naming the variable
     if own.inventory_file is None:
         own.inventory_file = core.data_dir / "inventory" / "resources.json"
     if own.storage_root is None:

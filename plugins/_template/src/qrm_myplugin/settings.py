@@ -1,20 +1,23 @@
-"""The plugin's own settings, from ``QRM_MYPLUGIN_*`` environment variables.
+"""The plugin's own settings, from ``QRM_MYPLUGIN_*`` environment variables or
+the ``[myplugin]`` table of ``qrm.toml``.
 
 Never add fields to core's Settings; derive paths from core's ``data_dir``.
 """
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import ClassVar
 
-from qrm_core.errors import InvalidInput
+from pydantic_settings import SettingsConfigDict
+
+from qrm_core.config import PluginSettings
 
 ENV_PREFIX = "QRM_MYPLUGIN_"
 
 
-class MyPluginSettings(BaseSettings):
+class MyPluginSettings(PluginSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    plugin_table: ClassVar[str] = "myplugin"
 
     enabled_thing: bool = True
     """TODO: replace with the plugin's real settings, each with a docstring."""
@@ -22,9 +25,4 @@ class MyPluginSettings(BaseSettings):
 
 def load() -> MyPluginSettings:
     """Read the settings when they are needed, with a one-line error naming the variable."""
-    try:
-        return MyPluginSettings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidInput(f"invalid setting {ENV_PREFIX}{field.upper()}: {first.get('msg')}") from None
+    return MyPluginSettings.load()
