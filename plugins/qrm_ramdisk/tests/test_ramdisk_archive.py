@@ -11,10 +11,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from qrm_ramdisk.archive import SKELETON_DIRS, create_archive, create_skeleton, member_modes
 
 from qrm_core.errors import InvalidInput
 from qrm_core.testing import missing
+from qrm_ramdisk.archive import SKELETON_DIRS, create_archive, create_skeleton, member_modes
 
 BUSYBOX = "/bin/busybox"
 
