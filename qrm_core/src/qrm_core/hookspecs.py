@@ -150,7 +150,9 @@ def qrm_resource_added(resource: ResourcePublic, ctx: HookContext) -> None:
 def qrm_resource_updated(resource: ResourcePublic, changed: list[str], ctx: HookContext) -> None:
     """Notify plugins that a resource's recorded facts changed (IP, hostname, size).
 
-    Broadcast after commit; state changes have their own hook.
+    Broadcast after commit; state changes have their own hook. A resource's
+    MAC never changes (it is what identifies the machine), so a plugin keyed
+    by MAC (DHCP reservations) can replace its entry.
 
     :param resource: The resource as it is now.
     :param changed: Names of the fields that changed.
