@@ -1,8 +1,12 @@
 """The hot paths made cheaper after bench/server (docs/benchmarks.md, Server)
-must do exactly what the general code does."""
+must do exactly what the general code does: the server's socket and the
+access log."""
 
 import asyncio
+import logging
 import socket
+
+import httpx
 
 from qrm_core.server import bind_socket
 
@@ -25,3 +29,18 @@ def test_bind_socket_connections_send_without_delay() -> None:
 
     asyncio.run(main())
     assert flags and flags[0] != 0
+
+
+def test_api_requests_are_logged_agent_requests_are_not(qrm_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="qrm.api")
+    with qrm_server.client() as client:
+        assert client.get("/api/v1/resources").status_code == 200
+        answer = httpx.post(
+            qrm_server.url + "/agent/v1/heartbeat",
+            json={"resource_id": 1, "state": "idle"},
+            timeout=10,
+        )
+        assert answer.status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "qrm.api"]
+    assert any(line.startswith("GET /api/v1/resources 200 ") and line.endswith("ms") for line in lines)
+    assert not any("/agent/" in line for line in lines)

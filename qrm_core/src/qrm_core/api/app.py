@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from sqlmodel import Session, func, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qrm_core import __version__
 from qrm_core.api import agent_routes, routes
@@ -65,6 +66,37 @@ class EnrollmentCache:
                 self._read_at = time.monotonic()
             value = self._value
         return hmac.compare_digest(value.encode(), token.encode())
+
+
+class AccessLog:
+    """One log line per API request (method, path, status, milliseconds);
+    node-agent requests are not logged (thousands of machines heartbeat).
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` runs every
+    request, agent requests included, through extra tasks and streams, which
+    cost about 0.5 ms of CPU per request (measured in bench/server).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/agent/"):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_status)
+        log.info(
+            "%s %s %s %.1fms", scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000
+        )
 
 
 class Metrics:
@@ -165,22 +197,11 @@ def create_app(
             error_body("internal_error", f"internal error: {type(exc).__name__}"), status_code=500
         )
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response: Response = await call_next(request)
-        if not request.url.path.startswith("/agent/"):
-            log.info(
-                "%s %s %s %.1fms",
-                request.method,
-                request.url.path,
-                response.status_code,
-                (time.perf_counter() - started) * 1000,
-            )
-        return response
-
-    app.include_router(routes.router)
+    app.add_middleware(AccessLog)
+    # The agent endpoints first: they take most of the requests, and routes are
+    # matched in order (the paths of the two routers do not overlap).
     app.include_router(agent_routes.router)
+    app.include_router(routes.router)
 
     viewer = require(Role.VIEWER)
 
