@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from qrm_core.api.deps import bearer, get_ctx
 from qrm_core.errors import AuthError, NotFound
-from qrm_core.services import ServiceContext, agent, boot, site
+from qrm_core.services import ServiceContext, agent, boot, service_context, site
 
 router = APIRouter()
 Ctx = Annotated[ServiceContext, Depends(get_ctx)]
@@ -68,23 +69,35 @@ def _enrollment(ctx: ServiceContext, request: Request) -> None:
         raise AuthError("wrong or missing enrollment token")
 
 
+# The two endpoints every machine calls all the time open their service
+# context themselves instead of through the ``Ctx`` dependency: a dependency
+# with ``yield`` runs its start and its end in the thread pool, two more
+# thread hand-overs per request (about 0.4 ms of CPU, measured in bench/server).
+
+
+def _agent_ctx(request: Request) -> AbstractContextManager[ServiceContext]:
+    state = request.app.state
+    return service_context(state.settings, actor="anonymous", plugins=state.plugins, check_schema=False)
+
+
 @router.post("/agent/v1/register", tags=["agent"])
-def register(request: Request, ctx: Ctx, body: RegisterRequest) -> RegisterResponse:
+def register(request: Request, body: RegisterRequest) -> RegisterResponse:
     try:
-        _enrollment(ctx, request)
-        ctx.actor = f"agent:{body.mac}"[:64]
-        result = agent.register(
-            ctx,
-            mac=body.mac,
-            ip=body.ip,
-            cpus=body.cpus,
-            memory_mb=body.memory_mb,
-            hostname=body.hostname,
-            hypervisors=body.hypervisors,
-            boot_generation=body.boot_generation,
-            mode=body.mode,
-            ve=body.ve,
-        )
+        with _agent_ctx(request) as ctx:
+            _enrollment(ctx, request)
+            ctx.actor = f"agent:{body.mac}"[:64]
+            result = agent.register(
+                ctx,
+                mac=body.mac,
+                ip=body.ip,
+                cpus=body.cpus,
+                memory_mb=body.memory_mb,
+                hostname=body.hostname,
+                hypervisors=body.hypervisors,
+                boot_generation=body.boot_generation,
+                mode=body.mode,
+                ve=body.ve,
+            )
     except Exception:
         _count(request, "register", "error")
         raise
@@ -93,18 +106,19 @@ def register(request: Request, ctx: Ctx, body: RegisterRequest) -> RegisterRespo
 
 
 @router.post("/agent/v1/heartbeat", tags=["agent"])
-def heartbeat(request: Request, ctx: Ctx, body: HeartbeatRequest) -> HeartbeatResponse:
+def heartbeat(request: Request, body: HeartbeatRequest) -> HeartbeatResponse:
     try:
-        ctx.actor = f"agent:{body.resource_id}"
-        answer = agent.heartbeat(
-            ctx,
-            resource_id=body.resource_id,
-            token=bearer(request),
-            state=body.state,
-            load=body.load,
-            boot_generation=body.boot_generation,
-            reason=body.reason,
-        )
+        with _agent_ctx(request) as ctx:
+            ctx.actor = f"agent:{body.resource_id}"
+            answer = agent.heartbeat(
+                ctx,
+                resource_id=body.resource_id,
+                token=bearer(request),
+                state=body.state,
+                load=body.load,
+                boot_generation=body.boot_generation,
+                reason=body.reason,
+            )
     except Exception:
         _count(request, "heartbeat", "error")
         raise
