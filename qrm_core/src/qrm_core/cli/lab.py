@@ -64,7 +64,7 @@ def register(lab_app: typer.Typer) -> None:
         ] = None,
         heartbeat_timeout: Annotated[
             float, typer.Option("--heartbeat-timeout", help="seconds of silence before a machine is in error")
-        ] = 30.0,
+        ] = netlab.DEFAULT_HEARTBEAT_TIMEOUT,
         directory: DirOpt = DEFAULT_DIR,
     ) -> None:
         """Start the lab: a namespace with qrm server, DHCP, TFTP and N QEMU machines that PXE-boot."""
@@ -128,13 +128,15 @@ def register(lab_app: typer.Typer) -> None:
             f"namespace {status['netns']}{'' if status['netns_exists'] else ' (gone)'}, DHCP {status['dhcp']}, "
             f"kernel {status['kernel']}"
         )
-        say(
-            f"qrm server: {status['url']} from here, {status['server_url']} inside; user {status['user']}"
-        )
+        say(f"qrm server: {status['url']} from here, {status['server_url']} inside; user {status['user']}")
         for proc in status["processes"]:
             say(f"  {proc['name']}: pid {proc['pid']}, {'running' if proc['running'] else 'NOT running'}")
         if status["problem"]:
             say(f"  {status['problem']}")
+        if status["status"] != "up" and not any(
+            p["running"] for p in status["processes"] if p["name"] == "up"
+        ):
+            say("  'qrm lab up' did not finish: 'qrm lab down' removes what it left")
         show_list(
             status["machines"],
             [

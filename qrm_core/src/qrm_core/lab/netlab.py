@@ -65,6 +65,12 @@ BRIDGE = "br0"
 #: A fixed, locally administered MAC: the bridge would otherwise take its ports' MACs as they come and go.
 BRIDGE_MAC = "02:77:00:00:00:01"
 DEFAULT_PORT = 8077
+#: Seconds between the agents' heartbeats in the lab (qrm's default is 10: the lab wants quick failover).
+HEARTBEAT_INTERVAL = 2.0
+#: A machine rebooting at qrm's order is silent until it registers again: 12-15 s under TCG,
+#: up to 25 s seen with two machines booting at once on a loaded 2-core machine. Shorter
+#: than that, a reboot looks like a failure and the machine is failed over.
+DEFAULT_HEARTBEAT_TIMEOUT = 40.0
 STATE_FILE = "lab.json"
 ADMIN = "qrm"
 BOOT_IMAGE = "lab"
@@ -112,8 +118,8 @@ class LabState:
     kernel_version: str = ""
     status: str = "starting"
     created: float = field(default_factory=time.time)
-    heartbeat_interval: float = 2.0
-    heartbeat_timeout: float = 30.0
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     processes: dict[str, Proc] = field(default_factory=dict)
     vms: dict[str, qemu.VmSpec] = field(default_factory=dict)
     vm_procs: dict[str, Proc] = field(default_factory=dict)
@@ -291,15 +297,15 @@ def find_kernel(
                 return version, path
     elif cached:
         return max(cached, key=lambda item: (_release_key(item[0]), item[1].name))
-    version = kernel_version or _apt_kernel_version()
-    if version is None:
+    wanted = kernel_version or _apt_kernel_version()
+    if wanted is None:
         raise InvalidInput(
             "no kernel package cached and apt cannot name one (apt-cache depends linux-image-amd64): "
             "run apt-get update, or give --kernel-deb FILE"
         )
     target = _kernel_dirs()[0]
-    progress(f"downloading linux-image-{version} into {target} (once)")
-    return version, kernels.download_deb(version, target)
+    progress(f"downloading linux-image-{wanted} into {target} (once)")
+    return wanted, kernels.download_deb(wanted, target)
 
 
 def boot_cache_key(deb: Path, cmdline: str, busybox: Path = Path("/bin/busybox")) -> str:
@@ -537,8 +543,8 @@ class Lab:
         port: int = DEFAULT_PORT,
         kernel_deb: Path | None = None,
         kernel_version: str | None = None,
-        heartbeat_interval: float = 2.0,
-        heartbeat_timeout: float = 30.0,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     ) -> LabState:
         """Create the namespace, prepare the database, start the server, the helper and ``vms`` machines."""
         check_options(vms=vms, dhcp=dhcp, cpus=cpus, memory_mb=memory_mb, port=port)
@@ -831,7 +837,7 @@ class Lab:
     def _teardown(self, state: LabState) -> list[str]:
         """Stop every recorded process, anything left in the namespace, delete it; remove the state file."""
         done: list[str] = []
-        others = [p for p in state.processes.values() if p.name == "up" and p.pid != os.getpid()]
+        others = [p for k, p in state.processes.items() if k == "up" and p.pid != os.getpid()]
         if any(procs.alive(p) for p in others):
             procs.stop(others, timeout=5)
             done.append("stopped an unfinished 'qrm lab up'")
@@ -859,15 +865,15 @@ class Lab:
         state = self.read_state()
         if state is None:
             return []
-        others = [p for p in state.processes.values() if p.name == "up" and p.pid != os.getpid()]
+        others = [p for k, p in state.processes.items() if k == "up" and p.pid != os.getpid()]
+        stopped = [f"stopped an unfinished 'qrm lab up' (pid {p.pid})" for p in others if procs.alive(p)]
         # An unfinished 'up' holds the lock: stop it first, then take the lock.
-        if any(procs.alive(p) for p in others):
-            procs.stop(others, timeout=5)
+        procs.stop(others, timeout=5)
         with self._locked():
             state = self.read_state()
             if state is None:
-                return []
-            return self._teardown(state)
+                return stopped
+            return stopped + self._teardown(state)
 
     # -- machines --------------------------------------------------------
 
@@ -969,7 +975,7 @@ class Lab:
             "url": state.url,
             "user": ADMIN,
             "processes": [
-                {"name": p.name, "pid": p.pid, "running": procs.alive(p)} for p in state.processes.values()
+                {"name": key, "pid": p.pid, "running": procs.alive(p)} for key, p in state.processes.items()
             ],
             "machines": machines,
             "problem": problem,

@@ -95,9 +95,12 @@ def qemu_argv(spec: VmSpec, console: Path) -> list[str]:
         str(spec.memory_mb),
         "-smp",
         str(spec.cpus),
-        "-display",
+        # No default devices (VGA, IDE CD-ROM, floppy, parallel port): less to emulate and for
+        # the kernel to probe under TCG. Firmware and iPXE print on a screen nobody sees anyway.
+        "-nodefaults",
+        "-vga",
         "none",
-        "-monitor",
+        "-display",
         "none",
         "-chardev",
         # QEMU's option syntax doubles a comma inside a value.
