@@ -19,6 +19,9 @@ test_pkgs=(
   # boot images (qrm_core.bootimage): busybox-static goes into the initrd, kmod's depmod orders modules,
   # cpio checks the archive; QEMU (with ipxe-qemu's virtio-net ROM) boots it; dash checks the agent's syntax
   busybox-static kmod cpio qemu-system-x86 ipxe-qemu dash
+  # qrm lab and tests/integration/test_lab_e2e.py: QEMU machines PXE-booting through Kea or ISC dhcpd
+  # and qrm-tftpd into the node agent (a Debian kernel package is fetched with apt-get download)
+  qemu-system-x86 ipxe-qemu kea-dhcp4-server isc-dhcp-server busybox-static kmod curl tftpd-hpa
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;
