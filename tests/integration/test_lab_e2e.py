@@ -211,6 +211,21 @@ def user_env(state: netlab.LabState) -> dict[str, str]:
     return env
 
 
+def tftp_request_time(lab: Lab, ip: str, after: float) -> float | None:
+    """When ``ip`` first asked qrm-tftpd for ``boot.ipxe`` (the server's log has local time stamps)."""
+    pattern = re.compile(
+        rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) .* tftp: {re.escape(ip)}:\d+ boot\.ipxe: sending"
+    )
+    for line in (lab.data_dir / "logs" / "qrm.log").read_text(errors="replace").splitlines():
+        if match := pattern.match(line):
+            when = (
+                time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+            )
+            if when >= after - 1:
+                return when
+    return None
+
+
 def registrations(console: str, mac: str, mode: str) -> int:
     return len(re.findall(rf"registered as resource \d+ \(mac {re.escape(mac)}, mode {mode},", console))
 
@@ -246,6 +261,12 @@ def test_machines_boot_idle_run_a_ve_fail_over_and_stop(tmp_path: Path, kernel_d
             timing(
                 "power-on -> idle (2 machines at once)", utc(row.state_changed_at) - state.powered_on[name]
             )
+        # The lab answers iPXE's IPv6 router solicitation: its first TFTP request comes about 2 s
+        # after power-on (firmware, iPXE's banner, DHCP), not after iPXE's 16 s wait for an RA.
+        for mac, name in macs.items():
+            first_request = tftp_request_time(lab, found[mac].ip, after=state.powered_on[name])
+            assert first_request is not None and first_request - state.powered_on[name] < 10
+            timing("power-on -> boot.ipxe requested", first_request - state.powered_on[name])
         # The newcomer's way in: qrm on this machine, through 127.0.0.1, sees the same.
         listed = qrm("resource", "list", "-o", "json", env=user_env(state))
         assert listed.returncode == 0, listed.stderr
