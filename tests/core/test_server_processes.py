@@ -150,6 +150,7 @@ def test_the_articles_scenario_with_simulated_agents(qrm_settings, qrm_plugins) 
         web = _wait(
             lambda: (
                 (v := api.get("/api/v1/ves/web").json())["state"] == "running"
+                and len(v["resources"]) == 1
                 and v["resources"] != [first]
                 and v
             ),
