@@ -87,7 +87,8 @@ class Node:
 class Site:
     """Nodes + reconciler on one database, advanced in lock step."""
 
-    def __init__(self, settings, plugins) -> None:
+    def __init__(self, settings, plugins, *, boot_timeout: float = 60.0) -> None:
+        settings = settings.model_copy(update={"boot_timeout": boot_timeout})
         self.settings = settings
         self.plugins = plugins
         self.clock = Clock()

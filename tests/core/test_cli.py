@@ -227,3 +227,14 @@ def test_events_follow_prints_new_events_as_they_happen(qrm_cli, qrm_settings) -
 def test_boot_image_create_refuses_remote_mode(qrm_cli) -> None:
     result = qrm_cli("--server", "http://127.0.0.1:9", "boot-image", "create", "-n", "x", "-k", "6.1")
     assert result.exit_code == 1 and "builds on the machine that keeps qrm's data" in result.stderr
+
+
+def test_lab_up_without_the_network_boot_plugins_says_which(qrm_cli, tmp_path) -> None:
+    """The core session has no plugin installed: the lab names what is missing."""
+    result = qrm_cli("lab", "up", "--vms", "1", "--dir", str(tmp_path / "lab"))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    if os.geteuid() == 0:
+        assert "qrm lab needs the plugins qrm-tftpd, qrm-dhcpd, qrm-ramdisk" in result.stderr
+    else:
+        assert "qrm lab needs root" in result.stderr
+    assert not (tmp_path / "lab").exists() or not any((tmp_path / "lab").iterdir())

@@ -314,3 +314,21 @@ def test_an_agent_reporting_failure_fails_over_at_once(site, qrm_ctx) -> None:
     assert web.state == "running" and web.resources != [first.mac]
     events = [e.message for e in list_events(qrm_ctx, limit=50)]
     assert any("its agent reports failure: cannot fetch the root filesystem HTTP 404" in m for m in events)
+
+
+def test_a_rebooting_machine_gets_the_boot_timeout(site, qrm_ctx) -> None:
+    """Silent while it reboots at qrm's order: not failed after the heartbeat
+    timeout, only after the (longer) boot timeout."""
+    node = site.add_node("52:54:00:00:00:01")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
+    ves.start_ve(qrm_ctx, "web")
+    site.reconciler.tick()
+    assert _res(site.settings, site.plugins, node.mac).state == "assigned"
+    node.alive = False  # powered down by the reboot, taking its time
+    site.settle(int(site.settings.heartbeat_timeout) + 5)
+    assert _res(site.settings, site.plugins, node.mac).state == "assigned"
+    site.settle(int(site.settings.boot_timeout - site.settings.heartbeat_timeout) + 5)
+    row = _res(site.settings, site.plugins, node.mac)
+    assert row.state == "error"
+    events = [e.message for e in list_events(qrm_ctx, limit=50)]
+    assert any("did not come back from the reboot" in m for m in events)

@@ -192,7 +192,8 @@ class EngineMachine(RuleBasedStateMachine):
     def left_alone(self) -> None:
         """Nothing changes for a while: running VEs get fully placed when there is
         room, stopped VEs hold nothing, and failed nodes are out."""
-        for _ in range(int(self.settings_obj.heartbeat_timeout // 5) + 8):
+        quiet = max(self.site.settings.heartbeat_timeout, self.site.settings.boot_timeout)
+        for _ in range(int(quiet // 5) + 8):
             self.site.step(5.0)
         resources, ve_rows = self._snapshot()
         by_name = {v.name: v for v in ve_rows.values()}

@@ -97,7 +97,12 @@ class Client(Protocol):
 
     def resource_add(self, **kwargs: Any) -> ResourcePublic: ...
     def resource_list(
-        self, state: str | None, kind: str | None, ve: str | None, offset: int, limit: int | None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        ve: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
     ) -> ResourceListPublic: ...
     def resource_show(self, ref: str) -> ResourceDetail: ...
     def resource_remove(self, ref: str) -> ResourcePublic: ...
@@ -289,7 +294,12 @@ class LocalClient:
             return resources.add_resource(ctx, **kwargs)
 
     def resource_list(
-        self, state: str | None, kind: str | None, ve: str | None, offset: int, limit: int | None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        ve: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
     ) -> ResourceListPublic:
         from qrm_core.services import resources
 
@@ -562,7 +572,12 @@ class RemoteClient:
         return ResourcePublic.model_validate(self._request("POST", "/resources", json=kwargs))
 
     def resource_list(
-        self, state: str | None, kind: str | None, ve: str | None, offset: int, limit: int | None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        ve: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
     ) -> ResourceListPublic:
         return ResourceListPublic.model_validate(
             self._get("/resources", state=state, kind=kind, ve=ve, offset=offset, limit=limit)

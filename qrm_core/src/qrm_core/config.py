@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 35.0
     """A resource whose heartbeats stop for this long goes to ``error``."""
 
+    boot_timeout: float = 300.0
+    """A resource qrm told to reboot has this long (counted from its last
+    heartbeat) to register again before it goes to ``error``: firmware, PXE
+    and the kernel take longer than a heartbeat interval, much longer on real
+    servers."""
+
     @field_validator("disable_plugins", "enabled_storage", "enabled_hypervisors", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

@@ -302,6 +302,9 @@ class Resource(SQLModel, table=True):
     # Raised whenever qrm orders a reboot; every boot carries it (qrm.gen=N),
     # so heartbeats from the OS booted before (a lower number) are recognised.
     boot_generation: int = 0
+    # The generation of the last registration: lower than boot_generation
+    # while a reboot qrm ordered is under way (then the boot timeout applies).
+    booted_generation: int = 0
     # A command waiting for the next heartbeat besides reboot (``halt``).
     pending_command: str | None = Field(default=None, max_length=16)
     # Seconds without heartbeats before the resource is in error (None: the site default).

@@ -134,8 +134,9 @@ class Reconciler:
 
     def _detect_failures(self, ctx: ServiceContext, now: datetime, report: TickReport) -> None:
         default = ctx.settings.heartbeat_timeout
+        booting = ctx.settings.boot_timeout
         shortest = ctx.session.exec(select(sa.func.min(Resource.heartbeat_timeout))).one()
-        cutoff = now - timedelta(seconds=min(default, shortest) if shortest else default)
+        cutoff = now - timedelta(seconds=min(default, booting, shortest or default))
         rows = ctx.session.exec(
             select(Resource)
             .where(col(Resource.state).in_(LIVE), col(Resource.last_seen) < cutoff)
@@ -143,11 +144,13 @@ class Reconciler:
             .with_for_update(skip_locked=True)
         ).all()
         for row in rows:
-            timeout = row.heartbeat_timeout or default
+            rebooting = row.booted_generation < row.boot_generation
+            timeout = booting if rebooting else (row.heartbeat_timeout or default)
             assert row.last_seen is not None
             silent = (now - row.last_seen).total_seconds()
             if silent > timeout:
-                transition(ctx, row, S.ERROR, f"no heartbeat for {silent:.0f} s (timeout {timeout:.0f} s)")
+                what = "did not come back from the reboot" if rebooting else "no heartbeat"
+                transition(ctx, row, S.ERROR, f"{what} for {silent:.0f} s (timeout {timeout:.0f} s)")
                 report.failed += 1
         ctx.commit()
 

@@ -193,6 +193,7 @@ def _register(
         # A higher generation than recorded: booted from an earlier record of
         # this MAC (removed and registered again); continue from there.
         row.boot_generation = boot_generation
+        row.booted_generation = boot_generation
         _apply_boot(ctx, row, mode, ve)
     # else: the OS of an earlier boot; its next heartbeat is told to reboot.
     # A new row is inserted here, already in its state after the boot (no
