@@ -57,7 +57,7 @@ MEMORY_MB = 256
 #: A machine rebooting at qrm's order is silent until its next boot registers: 12-15 s under
 #: TCG, but 25 s was seen with two machines booting at once on a loaded 2-core machine. The
 #: timeout must not take such a machine for a dead one (docs/netboot.md, "The lab").
-HEARTBEAT_TIMEOUT = 40.0
+HEARTBEAT_TIMEOUT = 15.0
 TIMINGS: dict[str, list[float]] = {}
 
 

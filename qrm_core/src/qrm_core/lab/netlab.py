@@ -67,10 +67,12 @@ BRIDGE_MAC = "02:77:00:00:00:01"
 DEFAULT_PORT = 8077
 #: Seconds between the agents' heartbeats in the lab (qrm's default is 10: the lab wants quick failover).
 HEARTBEAT_INTERVAL = 2.0
+#: A running machine that misses heartbeats for this long has failed (7 missed beats).
+DEFAULT_HEARTBEAT_TIMEOUT = 15.0
 #: A machine rebooting at qrm's order is silent until it registers again: 12-15 s under TCG,
-#: up to 25 s seen with two machines booting at once on a loaded 2-core machine. Shorter
-#: than that, a reboot looks like a failure and the machine is failed over.
-DEFAULT_HEARTBEAT_TIMEOUT = 40.0
+#: up to 25 s seen with two machines booting at once on a loaded 2-core machine; qrm gives
+#: it QRM_BOOT_TIMEOUT for that, so a reboot is not taken for a failure.
+BOOT_TIMEOUT = 120.0
 STATE_FILE = "lab.json"
 ADMIN = "qrm"
 BOOT_IMAGE = "lab"
@@ -470,6 +472,7 @@ class Lab:
                 "QRM_SERVER_URL": state.server_url,
                 "QRM_HEARTBEAT_INTERVAL": str(state.heartbeat_interval),
                 "QRM_HEARTBEAT_TIMEOUT": str(state.heartbeat_timeout),
+                "QRM_BOOT_TIMEOUT": str(max(BOOT_TIMEOUT, state.heartbeat_timeout)),
                 "QRM_INIT_BOOT_IMAGE": "false",
                 # qrm-tftpd: boot.ipxe and per-MAC scripts on UDP 69 of the lab's network.
                 "QRM_TFTPD_ENABLED": "true",
