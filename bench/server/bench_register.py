@@ -11,7 +11,10 @@ Each repetition starts, on 127.0.0.1 with fresh data directories:
 and drives both with the same load generator: N distinct agents register
 (``POST /agent/v1/register``, the body ``qrm lab simulate`` sends), then all
 of them heartbeat (``POST /agent/v1/heartbeat`` with their per-resource
-tokens) for a while. Requests are closed-loop over ``--concurrency``
+tokens) for a while. The qrm server runs with ``QRM_HEARTBEAT_TIMEOUT=3600``
+(``--heartbeat-timeout``): these agents register first and heartbeat later,
+and with the default 35 s the engine would put thousands of them in error
+mid-run. Requests are closed-loop over ``--concurrency``
 keep-alive connections per server. The two servers take turns in short
 slices (``--chunk`` registrations, ``--slice`` seconds of heartbeats), so
 load from elsewhere on a shared machine falls on both alike. Reported:
@@ -228,15 +231,20 @@ def clean_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def start_qrm(workdir: Path) -> ChildServer:
+def start_qrm(workdir: Path, heartbeat_timeout: float) -> ChildServer:
     port = free_port()
     data = workdir / "qrm-data"
     qrm = Path(sys.executable).parent / "qrm"
+    env = clean_env(data)
+    # The agents here register first and heartbeat later (and then each only
+    # every N / rate seconds): with the default 35 s timeout the engine would
+    # put thousands of them in error mid-run and that work would be measured.
+    env["QRM_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout)
     server = ChildServer(
         "qrm server",
         [str(qrm), "server", "--host", "127.0.0.1", "--port", str(port)],
         port,
-        clean_env(data),
+        env,
         workdir / "qrm-server.out",
     )
     server.wait_ready("/api/v1/health")
@@ -292,7 +300,7 @@ def run_once(kinds: list[str], args: argparse.Namespace) -> dict[str, Any]:
         drivers = []
         for kind in kinds:
             if kind == "qrm":
-                servers[kind] = start_qrm(workdir)
+                servers[kind] = start_qrm(workdir, args.heartbeat_timeout)
                 token = qrm_enrollment_token(servers[kind])
             else:
                 servers[kind] = start_bare(workdir)
@@ -428,6 +436,12 @@ def main() -> None:
         help="registrations per turn before the other server's (default 500)",
     )
     parser.add_argument("--slice", type=float, default=2.0, help="seconds of heartbeats per turn (default 2)")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=3600.0,
+        help="QRM_HEARTBEAT_TIMEOUT of the qrm server (default 3600: no agent times out mid-run)",
+    )
     parser.add_argument("--only", choices=["qrm", "bare"], help="run one server only")
     parser.add_argument(
         "--generator-check", action="store_true", help="measure the load generator alone first"
