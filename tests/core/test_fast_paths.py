@@ -92,6 +92,115 @@ def test_a_new_machine_is_inserted_in_its_state_with_both_events(qrm_settings, q
     ]
 
 
+FIRST_REGISTRATIONS = [
+    {"mac": "02:51:00:00:01:01"},
+    {"mac": "02:51:00:00:01:02", "hostname": "web1"},
+    {"mac": "02:51:00:00:01:03", "hostname": "web1"},  # the name is taken: the MAC is the label
+    {"mac": "02-51-00-00-01-04", "hypervisors": ["qemu", "QEMU", "xen"], "boot_generation": 7},
+    {"mac": "0251.0000.0105", "ip": None, "cpus": 0, "memory_mb": 0},
+]
+COMPARED = [
+    c
+    for c in Resource.__table__.c.keys()
+    if c not in ("id", "token_hash", "last_seen", "created_at", "state_changed_at")
+]
+
+
+def _first_registrations(settings, plugins, monkeypatch, *, general: bool, caplog):
+    """Register FIRST_REGISTRATIONS on an empty database; the rows, the events
+    and the audit log lines that result."""
+    if general:
+        monkeypatch.setattr(agent, "_register_first_sight", lambda *args, **kwargs: None)
+    caplog.clear()
+    for kwargs in FIRST_REGISTRATIONS:
+        body = {"ip": "198.18.0.7", "cpus": 2, "memory_mb": 2048, **kwargs}
+        with service_context(settings, actor="agent:x", plugins=plugins) as ctx:
+            reg = agent.register(ctx, **body)
+        assert reg.state == "idle" and reg.resource_id > 0
+        # The token handed out is the one that authenticates.
+        answer = _heartbeat(
+            settings, plugins, reg.resource_id, reg.token, state="idle", boot_generation=reg.boot_generation
+        )
+        assert answer.command == "none"
+    monkeypatch.undo()
+    with service_context(settings, plugins=plugins) as ctx:
+        rows = [
+            {c: getattr(row, c) for c in COMPARED}
+            for row in ctx.session.exec(select(Resource).order_by(Resource.id)).all()
+        ]
+        events = [
+            (e.actor, e.object_type, e.object_name, e.level, e.message)
+            for e in ctx.session.exec(select(Event).order_by(Event.id)).all()
+        ]
+        ctx.session.execute(sa.delete(Event))
+        ctx.session.execute(sa.delete(Resource))
+        ctx.session.commit()
+    lines = [r.getMessage().split(" ", 1)[1] for r in caplog.records if r.name == "qrm.audit"]
+    return rows, events, lines
+
+
+def test_a_first_registration_writes_what_the_general_rule_writes(
+    qrm_settings, qrm_plugins, monkeypatch, caplog
+) -> None:
+    """The ORM-free path for machines never seen before and the general rule
+    agree on the resource rows, the events and the audit log lines."""
+    caplog.set_level(logging.INFO, logger="qrm.audit")
+    fast = _first_registrations(qrm_settings, qrm_plugins, monkeypatch, general=False, caplog=caplog)
+    general = _first_registrations(qrm_settings, qrm_plugins, monkeypatch, general=True, caplog=caplog)
+    assert fast == general
+    rows, events, lines = fast
+    assert [r["hostname"] for r in rows] == [None, "web1", None, None, None]
+    assert rows[3]["capabilities"] == ["qemu", "xen"] and rows[3]["boot_generation"] == 7
+    assert len(events) == 2 * len(FIRST_REGISTRATIONS) and len(lines) == len(events)
+
+
+def test_a_first_registration_tells_listening_plugins(qrm_settings, qrm_plugins) -> None:
+    """resource_added, resource_state_changed and event_recorded reach plugins
+    on the fast path as on the general one."""
+    from qrm_core import hookimpl
+
+    seen: list[tuple] = []
+
+    class Listener:
+        @hookimpl
+        def qrm_resource_added(self, resource, ctx) -> None:
+            seen.append(("added", resource.mac, resource.state))
+
+        @hookimpl
+        def qrm_resource_state_changed(self, resource, old_state, ctx) -> None:
+            seen.append(("state", resource.mac, old_state, resource.state))
+
+        @hookimpl
+        def qrm_event_recorded(self, event, ctx) -> None:
+            seen.append(("event", event.message))
+
+    qrm_plugins.register(Listener(), "listener")
+    _register(qrm_settings, qrm_plugins, "02:51:00:00:02:01")
+    assert sorted(seen) == sorted(
+        [
+            ("event", "resource 02:51:00:00:02:01 registered (physical)"),
+            ("event", "resource 02:51:00:00:02:01 new -> idle: registered"),
+            ("added", "02:51:00:00:02:01", "idle"),
+            ("state", "02:51:00:00:02:01", "new", "idle"),
+        ]
+    )
+
+
+def test_a_first_registration_that_loses_a_race_is_registered_once(qrm_settings, qrm_plugins) -> None:
+    """Two agents with one MAC registering at the same moment: one resource, and
+    the later token is the one that counts (registration is idempotent)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mac = "02:51:00:00:03:01"
+    with ThreadPoolExecutor(8) as pool:
+        regs = list(pool.map(lambda _: _register(qrm_settings, qrm_plugins, mac), range(8)))
+    assert len({r.resource_id for r in regs}) == 1
+    with service_context(qrm_settings, plugins=qrm_plugins) as ctx:
+        assert len(ctx.session.exec(select(Resource).where(Resource.mac == mac)).all()) == 1
+        registered = ctx.session.exec(select(Event).where(Event.message.like("%registered (physical)"))).all()
+        assert len(registered) == 1
+
+
 def _heartbeat(settings, plugins, rid: int, token: str | None, **kwargs):
     with service_context(settings, actor="agent", plugins=plugins) as ctx:
         return agent.heartbeat(ctx, resource_id=rid, token=token, **kwargs)

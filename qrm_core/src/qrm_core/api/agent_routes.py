@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
 from qrm_core.api.deps import bearer, get_ctx
@@ -75,13 +75,19 @@ def _enrollment(ctx: ServiceContext, request: Request) -> None:
 # thread hand-overs per request (about 0.4 ms of CPU, measured in bench/server).
 
 
+def _json(model: BaseModel) -> Response:
+    """The answer as a finished response: FastAPI would otherwise validate and
+    serialize the returned model again, in one more thread-pool hand-over."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def _agent_ctx(request: Request) -> AbstractContextManager[ServiceContext]:
     state = request.app.state
     return service_context(state.settings, actor="anonymous", plugins=state.plugins, check_schema=False)
 
 
-@router.post("/agent/v1/register", tags=["agent"])
-def register(request: Request, body: RegisterRequest) -> RegisterResponse:
+@router.post("/agent/v1/register", tags=["agent"], response_model=RegisterResponse)
+def register(request: Request, body: RegisterRequest) -> Response:
     try:
         with _agent_ctx(request) as ctx:
             _enrollment(ctx, request)
@@ -102,11 +108,11 @@ def register(request: Request, body: RegisterRequest) -> RegisterResponse:
         _count(request, "register", "error")
         raise
     _count(request, "register", "ok")
-    return RegisterResponse(**result.__dict__)
+    return _json(RegisterResponse(**result.__dict__))
 
 
-@router.post("/agent/v1/heartbeat", tags=["agent"])
-def heartbeat(request: Request, body: HeartbeatRequest) -> HeartbeatResponse:
+@router.post("/agent/v1/heartbeat", tags=["agent"], response_model=HeartbeatResponse)
+def heartbeat(request: Request, body: HeartbeatRequest) -> Response:
     try:
         with _agent_ctx(request) as ctx:
             ctx.actor = f"agent:{body.resource_id}"
@@ -123,7 +129,7 @@ def heartbeat(request: Request, body: HeartbeatRequest) -> HeartbeatResponse:
         _count(request, "heartbeat", "error")
         raise
     _count(request, "heartbeat", "ok")
-    return HeartbeatResponse(**answer.__dict__)
+    return _json(HeartbeatResponse(**answer.__dict__))
 
 
 @router.get("/agent/v1/boot/{mac}", tags=["agent"])

@@ -104,6 +104,17 @@ def release(ctx: ServiceContext, row: Resource, reason: str, *, reboot: bool) ->
 _RESOURCE_BY_MAC = select(Resource).where(Resource.mac == sa.bindparam("mac"))
 _PARTITION_BY_MAC = select(Partition).where(Partition.mac == sa.bindparam("mac"))
 _HOSTNAME_TAKEN = select(Resource.id).where(Resource.hostname == sa.bindparam("hostname"))
+_RESOURCE_TABLE: sa.Table = Resource.__table__  # type: ignore[attr-defined]
+_PARTITION_TABLE: sa.Table = Partition.__table__  # type: ignore[attr-defined]
+_FIRST_SIGHT = sa.select(
+    sa.select(_RESOURCE_TABLE.c.id).where(_RESOURCE_TABLE.c.mac == sa.bindparam("mac")).scalar_subquery(),
+    sa.select(_PARTITION_TABLE.c.id).where(_PARTITION_TABLE.c.mac == sa.bindparam("mac")).scalar_subquery(),
+    sa.select(_RESOURCE_TABLE.c.id)
+    .where(_RESOURCE_TABLE.c.hostname == sa.bindparam("hostname"))
+    .limit(1)
+    .scalar_subquery(),
+)
+_INSERT_RESOURCE = sa.insert(_RESOURCE_TABLE)
 
 
 def register(ctx: ServiceContext, **kwargs: Any) -> Registration:
@@ -147,6 +158,12 @@ def _register(
         raise InvalidInput("boot_generation must not be negative")
     now = now or utcnow()
     token = secrets.token_urlsafe(32)
+    if mode == "idle":
+        first = _register_first_sight(
+            ctx, mac, ip, hostname, cpus, memory_mb, capabilities, boot_generation, token, now
+        )
+        if first is not None:
+            return first
     row = ctx.session.exec(_RESOURCE_BY_MAC, params={"mac": mac}).first()
     created = row is None
     changed: list[str] = []
@@ -213,6 +230,84 @@ def _register(
         heartbeat_interval=ctx.settings.heartbeat_interval,
         state=row.state,
         boot_generation=row.boot_generation,
+    )
+
+
+def _register_first_sight(
+    ctx: ServiceContext,
+    mac: str,
+    ip: str | None,
+    hostname: str | None,
+    cpus: int,
+    memory_mb: int,
+    capabilities: list[str],
+    boot_generation: int,
+    token: str,
+    now: datetime,
+) -> Registration | None:
+    """The most common registration, written without the ORM: a MAC qrm has
+    never seen (no resource, no partition) booting the idle image. It becomes
+    an idle physical resource, with the same row and the same two events the
+    general rule in :func:`_register` makes (tests/core/test_fast_paths.py
+    checks that they agree). Returns None, having written nothing, for every
+    other case.
+
+    Registrations come in bursts (a rack powering on); this path costs about
+    half the CPU of the general one (bench/server).
+    """
+    conn = ctx.session.connection()
+    known, partition, clash = conn.execute(_FIRST_SIGHT, {"mac": mac, "hostname": hostname}).one()
+    if known is not None or partition is not None:
+        return None
+    if clash is not None:
+        hostname = None  # as in _register: the MAC stays the label
+    label = hostname or mac
+    stamp = utcnow()
+    values = {
+        "mac": mac,
+        "ip": ip,
+        "hostname": hostname,
+        "kind": ResourceKind.PHYSICAL.value,
+        "capabilities": capabilities,
+        "cpus": cpus,
+        "memory_mb": memory_mb,
+        "state": S.IDLE.value,
+        "boot_generation": boot_generation,
+        "booted_generation": boot_generation,
+        "token_hash": hash_token(token),
+        "last_seen": now,
+        "state_changed_at": stamp,
+        "created_at": stamp,
+    }
+    try:
+        inserted = conn.execute(_INSERT_RESOURCE, values).inserted_primary_key
+        assert inserted is not None
+        resource_id = int(inserted[0])
+    except sa.exc.IntegrityError:
+        # The same MAC registering twice at once: the general rule sorts it out.
+        ctx.rollback()
+        raise Conflict(f"resource {mac} registered concurrently") from None
+    ctx.record_fast(
+        "resource",
+        label,
+        [
+            f"resource {mac} registered ({ResourceKind.PHYSICAL.value})",
+            f"resource {label} {S.NEW.value} -> {S.IDLE.value}: registered",
+        ],
+    )
+    ctx.commit()
+    if ctx.hooks.wants("qrm_resource_added") or ctx.hooks.wants("qrm_resource_state_changed"):
+        row = ctx.session.get(Resource, resource_id)
+        assert row is not None
+        result = public.one_resource(ctx.session, row)
+        ctx.hooks.resource_added(result, ctx.hook_ctx)
+        ctx.hooks.resource_state_changed(result, S.NEW.value, ctx.hook_ctx)
+    return Registration(
+        resource_id=resource_id,
+        token=token,
+        heartbeat_interval=ctx.settings.heartbeat_interval,
+        state=S.IDLE.value,
+        boot_generation=boot_generation,
     )
 
 

@@ -72,7 +72,8 @@ def transition(ctx: ServiceContext, row: Resource, new_state: ResourceState | st
     def notify() -> None:
         ctx.hooks.resource_state_changed(public.one_resource(ctx.session, row), old, ctx.hook_ctx)
 
-    ctx.after_commit(notify)
+    if ctx.hooks.wants("qrm_resource_state_changed"):  # no payload to build for nobody
+        ctx.after_commit(notify)
     return old
 
 
