@@ -281,3 +281,61 @@ def test_an_e1000_machine_registers_and_obeys_halt(vm_lab, boot_image: BuildResu
     assert vm.proc.returncode == 0 and "the server commands: halt" in vm.console()
     assert server.resource(MAC).state == ResourceState.OFF.value
     print(f"e1000: power-on to registered {registered:.1f} s")
+
+
+def test_a_ve_whose_root_cannot_be_fetched_is_reported_failed(
+    vm_lab, boot_image: BuildResult, tmp_path: Path
+) -> None:
+    """The agent cannot fetch the VE's root filesystem (HTTP 404): it says so
+    (heartbeat state "failed" with the reason) and the resource is in error
+    at once, long before the boot timeout; with failover on, the VE leaves it
+    and the machine is told to reboot."""
+    netns, server, _ = vm_lab
+    with server.ctx() as ctx:
+        boot_images.add_boot_image(
+            ctx,
+            name="idle",
+            kernel_version=boot_image.kernel_version,
+            kernel=boot_image.kernel,
+            initrd=boot_image.initrd,
+            cmdline="console=ttyS0,115200n8 panic=-1",
+            make_default=True,
+        )
+        token = site.get_enrollment_token(ctx)
+        # The machine is known and idle (as after its first boot), then a VE is placed on it.
+        agent_service.register(ctx, mac=MAC, ip="10.231.1.120", cpus=CPUS, memory_mb=MEMORY_MB)
+        storage.add_storage(ctx, name="st", type="fake", address="10.231.1.2")
+        storage.add_filesystem_image(ctx, name="web-root", storage="st", location="/exports/web")
+        ves.create_ve(
+            ctx,
+            name="web",
+            boot_image="idle",
+            fs_image="web-root",
+            failover=True,
+            kernel_args=f"qrm.rootfs=http://{SERVER_IP}:8081/files/missing.tar.gz",
+        )
+        ves.start_ve(ctx, "web")
+    server.wait_resource(MAC, 15, "the VE's placement", lambda r: r.state == ResourceState.ASSIGNED.value)
+    with server.ctx() as ctx:
+        config = boot.boot_config(ctx, MAC, server_url=server.url, enrollment_token=token)
+    assert config.mode == "ve"
+
+    vm = VM(netns, config, tmp_path / "console-ve.log")
+    try:
+        server.wait_resource(MAC, 90, "the failure report", lambda r: r.state == ResourceState.ERROR.value)
+        took = time.monotonic() - vm.started
+        with server.ctx() as ctx:
+            messages = [e.message for e in events.list_events(ctx, limit=50)]
+        assert any(
+            "its agent reports failure: cannot fetch the root filesystem of virtual environment web (HTTP 404)" in m
+            for m in messages
+        ), messages
+        console = vm.console()
+        assert "reporting failure to the server" in console
+        # The VE gives the machine up (failover) and the machine is told to reboot.
+        vm.wait_exit(60, "reboot after its failure", server)
+    finally:
+        vm.stop()
+    assert took < 60, f"the failure took {took:.0f} s to reach the server"
+    row = server.resource(MAC)
+    assert row.ve_id is None

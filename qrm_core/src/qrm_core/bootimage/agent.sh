@@ -62,6 +62,8 @@ RESOURCE_ID=
 TOKEN=
 INTERVAL=10
 STATE=idle
+REASON=
+ROOTFS_ERROR=
 HTTP_STATUS=
 HTTP_ERROR=
 
@@ -718,8 +720,13 @@ set_interval() {
 
 # heartbeat: 0 ok, 1 failed (try again later), 2 token refused (register again).
 heartbeat() {
-	body=$(printf '{"resource_id": %s, "state": "%s", "load": %s, "boot_generation": %s}' \
-		"$RESOURCE_ID" "$STATE" "$(read_load)" "$GEN")
+	reason=
+	if [ "$STATE" = failed ]; then
+		# Only characters that need no escaping in JSON, at most 200 of them.
+		reason=$(printf ', "reason": "%s"' "$(printf '%s' "$REASON" | tr -cd 'A-Za-z0-9 .,:;/()_=+-' | cut -c1-200)")
+	fi
+	body=$(printf '{"resource_id": %s, "state": "%s", "load": %s, "boot_generation": %s%s}' \
+		"$RESOURCE_ID" "$STATE" "$(read_load)" "$GEN" "$reason")
 	if ! http_post "$SERVER/agent/v1/heartbeat" "$TOKEN" "$body"; then
 		log "heartbeat: $SERVER is not reachable: $HTTP_ERROR"
 		return 1
@@ -756,6 +763,19 @@ heartbeat() {
 	halt) obey halt ;;
 	esac
 	return 0
+}
+
+# report_failure REASON: tell the server this machine cannot do its job
+# (state "failed"): its resource goes to error at once and a VE with failover
+# moves on, instead of waiting for the boot timeout. Registers first if needed.
+report_failure() {
+	STATE=failed
+	REASON=$1
+	log "reporting failure to the server: $REASON"
+	if [ -z "$TOKEN" ]; then
+		register || return 1
+	fi
+	heartbeat
 }
 
 obey() {
@@ -799,6 +819,7 @@ fetch_rootfs() {
 	opts=mode=0755
 	[ -n "$ROOTFS_SIZE" ] && opts="$opts,size=${ROOTFS_SIZE}m"
 	if ! mount -t tmpfs -o "$opts" qrm-root /newroot; then
+		ROOTFS_ERROR="cannot mount a tmpfs for it"
 		log "cannot mount a tmpfs for the VE root"
 		return 1
 	fi
@@ -813,7 +834,12 @@ fetch_rootfs() {
 		return 0
 	fi
 	status=$(sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$RUN/headers" | tail -n 1)
-	log "could not fetch or unpack $ROOTFS (HTTP ${status:-no answer}: $(grep -v '^ ' "$RUN/headers" | tail -n 1))"
+	case $status in
+	2??) ROOTFS_ERROR="HTTP $status, but the archive could not be unpacked" ;;
+	"") ROOTFS_ERROR="no answer" ;;
+	*) ROOTFS_ERROR="HTTP $status" ;;
+	esac
+	log "could not fetch or unpack $ROOTFS ($ROOTFS_ERROR: $(grep -v '^ ' "$RUN/headers" | tail -n 1))"
 	umount /newroot
 	return 1
 }
@@ -894,6 +920,11 @@ stage_initrd() {
 		while [ "$MODE" = ve ]; do
 			if [ -n "$ROOTFS" ] && fetch_rootfs; then
 				switch_to_ve
+			fi
+			if [ -n "$ROOTFS" ]; then
+				report_failure "cannot fetch the root filesystem of virtual environment ${VE:-?} ($ROOTFS_ERROR)"
+			else
+				report_failure "this boot image boots only virtual environments whose root is an archive (no qrm.rootfs)"
 			fi
 			log "cannot boot virtual environment ${VE:-?}; retrying in $backoff s"
 			sleep $backoff
