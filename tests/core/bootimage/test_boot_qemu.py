@@ -133,6 +133,19 @@ class VM:
         self._log.close()
 
 
+def add_idle_image(ctx, boot_image: BuildResult) -> None:
+    """The boot image under test as the default (idle) image, console on the serial port."""
+    boot_images.add_boot_image(
+        ctx,
+        name="idle",
+        kernel_version=boot_image.kernel_version,
+        kernel=boot_image.kernel,
+        initrd=boot_image.initrd,
+        cmdline="console=ttyS0,115200n8 panic=-1",
+        make_default=True,
+    )
+
+
 def ve_state(server: QrmServerProcess, wanted: str, timeout: float) -> None:
     """Wait for the engine (it runs in the server, once a second) to bring the VE to ``wanted``."""
     deadline = time.monotonic() + timeout
@@ -178,15 +191,7 @@ def test_vm_registers_then_runs_a_ve_in_ram(vm_lab, boot_image: BuildResult, tmp
     netns, server, files = vm_lab
     timings: dict[str, float] = {}
     with server.ctx() as ctx:
-        boot_images.add_boot_image(
-            ctx,
-            name="idle",
-            kernel_version=boot_image.kernel_version,
-            kernel=boot_image.kernel,
-            initrd=boot_image.initrd,
-            cmdline="console=ttyS0,115200n8 panic=-1",
-            make_default=True,
-        )
+        add_idle_image(ctx, boot_image)
         token = site.get_enrollment_token(ctx)
         config = boot.boot_config(ctx, MAC, server_url=server.url, enrollment_token=token)
     assert config.mode == "idle"
@@ -255,14 +260,7 @@ def test_an_e1000_machine_registers_and_obeys_halt(vm_lab, boot_image: BuildResu
     """Another NIC (its driver found by the device's PCI alias), and a real power-off."""
     netns, server, _ = vm_lab
     with server.ctx() as ctx:
-        boot_images.add_boot_image(
-            ctx,
-            name="idle",
-            kernel_version=boot_image.kernel_version,
-            kernel=boot_image.kernel,
-            initrd=boot_image.initrd,
-            cmdline="console=ttyS0,115200n8 panic=-1",
-        )
+        add_idle_image(ctx, boot_image)
         config = boot.boot_config(
             ctx, MAC, server_url=server.url, enrollment_token=site.get_enrollment_token(ctx)
         )
@@ -292,15 +290,7 @@ def test_a_ve_whose_root_cannot_be_fetched_is_reported_failed(
     and the machine is told to reboot."""
     netns, server, _ = vm_lab
     with server.ctx() as ctx:
-        boot_images.add_boot_image(
-            ctx,
-            name="idle",
-            kernel_version=boot_image.kernel_version,
-            kernel=boot_image.kernel,
-            initrd=boot_image.initrd,
-            cmdline="console=ttyS0,115200n8 panic=-1",
-            make_default=True,
-        )
+        add_idle_image(ctx, boot_image)
         token = site.get_enrollment_token(ctx)
         # The machine is known and idle (as after its first boot), then a VE is placed on it.
         agent_service.register(ctx, mac=MAC, ip="10.231.1.120", cpus=CPUS, memory_mb=MEMORY_MB)
@@ -327,7 +317,8 @@ def test_a_ve_whose_root_cannot_be_fetched_is_reported_failed(
         with server.ctx() as ctx:
             messages = [e.message for e in events.list_events(ctx, limit=50)]
         assert any(
-            "its agent reports failure: cannot fetch the root filesystem of virtual environment web (HTTP 404)" in m
+            "its agent reports failure: cannot fetch the root filesystem of virtual environment web (HTTP 404)"
+            in m
             for m in messages
         ), messages
         console = vm.console()
