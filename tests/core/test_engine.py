@@ -332,3 +332,76 @@ def test_a_rebooting_machine_gets_the_boot_timeout(site, qrm_ctx) -> None:
     assert row.state == "error"
     events = [e.message for e in list_events(qrm_ctx, limit=50)]
     assert any("did not come back from the reboot" in m for m in events)
+
+
+def _blocking_export(monkeypatch):
+    """The fake driver's export, held until the test lets it go (the real
+    driver call runs; only its timing is controlled, so the engine's
+    transaction scope can be observed)."""
+    import threading
+
+    from qrm_core.drivers.fake import FakeStorage
+
+    entered, release = threading.Event(), threading.Event()
+    real = FakeStorage.export_volume
+
+    def export_volume(self, storage_target, location, client):
+        entered.set()
+        assert release.wait(30), "the test never let the export finish"
+        return real(self, storage_target, location, client)
+
+    monkeypatch.setattr(FakeStorage, "export_volume", export_volume)
+    return entered, release
+
+
+def test_storage_driver_calls_hold_no_database_lock(site, qrm_ctx, monkeypatch) -> None:
+    """While the engine waits for a storage driver (a slow NFS server), machines
+    still register and heartbeat: on SQLite an open write transaction would
+    stop them."""
+    import threading
+    import time
+
+    a = site.add_node("52:54:00:00:00:1a")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
+    ves.start_ve(qrm_ctx, "web")
+    entered, release = _blocking_export(monkeypatch)
+    tick = threading.Thread(target=site.reconciler.tick)
+    tick.start()
+    try:
+        assert entered.wait(30), "the engine did not export"
+        started = time.monotonic()
+        b = site.add_node("52:54:00:00:00:1b")  # a registration: a write
+        assert b.beat(site.settings, site.plugins, site.clock) == "none"  # a heartbeat
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        tick.join(60)
+    assert took < 5, f"a registration waited {took:.1f} s for the engine's export"
+    fake = site.plugins.storage_driver("fake")
+    target = storage.target(storage.get_storage_row(qrm_ctx, "st"))
+    assert [v.exported_to for v in fake.list_volumes(target)] == [(a.ip,)]
+
+
+def test_an_export_made_for_a_resource_that_left_meanwhile_is_withdrawn(site, qrm_ctx, monkeypatch) -> None:
+    import threading
+
+    a = site.add_node("52:54:00:00:00:2a")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
+    ves.start_ve(qrm_ctx, "web")
+    entered, release = _blocking_export(monkeypatch)
+    tick = threading.Thread(target=site.reconciler.tick)
+    tick.start()
+    try:
+        assert entered.wait(30), "the engine did not export"
+        # The VE is stopped and the machine boots idle while the export is made.
+        with service_context(site.settings, plugins=site.plugins) as ctx:
+            ves.stop_ve(ctx, "web")
+        a.boot(site.settings, site.plugins, site.clock)
+        assert a.mode == "idle"
+    finally:
+        release.set()
+        tick.join(60)
+    assert _res(site.settings, site.plugins, a.mac).state == "idle"
+    fake = site.plugins.storage_driver("fake")
+    target = storage.target(storage.get_storage_row(qrm_ctx, "st"))
+    assert [v.exported_to for v in fake.list_volumes(target)] == [()]

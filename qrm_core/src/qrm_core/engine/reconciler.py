@@ -351,8 +351,16 @@ class Reconciler:
     # -- exports ---------------------------------------------------------
 
     def _export(self, ctx: ServiceContext, now: datetime, report: TickReport) -> None:
-        """Give newly assigned resources access to their VE's filesystem image."""
-        from qrm_core.services.storage import export_to
+        """Give newly assigned resources access to their VE's filesystem image.
+
+        Three phases, so that no storage driver call runs inside a database
+        transaction (on SQLite an open write transaction stops every
+        registration and heartbeat; 1,000 exports at 0.1 s each would stop
+        them for minutes): read what each export needs, commit; call the
+        drivers; record the outcomes, and withdraw an access granted to a
+        resource that left its VE meanwhile.
+        """
+        from qrm_core.services.storage import VolumeAccess, volume_access
 
         if not self._exports_verified:
             for rid, ve_id in ctx.session.exec(
@@ -362,6 +370,8 @@ class Reconciler:
             ):
                 self._exports.setdefault(rid, ve_id)
             self._exports_verified = True
+        planned: list[tuple[int, int, VolumeAccess]] = []
+        outcomes: dict[int, str | None] = {}  # resource id -> error message, None when granted
         for rid, ve_id in sorted(self._exports.items()):
             row = ctx.session.get(Resource, rid)
             if row is None or row.ve_id != ve_id:
@@ -369,22 +379,48 @@ class Reconciler:
                 self._export_failures.pop(rid, None)
                 continue
             try:
-                export_to(ctx, ve_id, row)
+                planned.append((rid, ve_id, volume_access(ctx, ve_id, row)))
             except QrmError as exc:
-                if self._export_failures.get(rid) != exc.message:
-                    self._export_failures[rid] = exc.message
+                outcomes[rid] = exc.message
+        if not planned and not outcomes:
+            ctx.commit()
+            return
+        ctx.commit()  # no transaction stays open across the driver calls
+        granted: dict[int, VolumeAccess] = {}
+        for rid, _ve_id, access in planned:
+            try:
+                access.grant()
+            except QrmError as exc:
+                outcomes[rid] = exc.message
+            else:
+                outcomes[rid] = None
+                granted[rid] = access
+        left: list[VolumeAccess] = []
+        for rid, message in sorted(outcomes.items()):
+            ve_id = self._exports[rid]
+            row = ctx.session.get(Resource, rid, populate_existing=True)
+            if row is None or row.ve_id != ve_id:
+                # Released while its export was made: take the access back.
+                self._exports.pop(rid, None)
+                self._export_failures.pop(rid, None)
+                if rid in granted:
+                    left.append(granted[rid])
+                continue
+            if message is not None:
+                if self._export_failures.get(rid) != message:
+                    self._export_failures[rid] = message
                     ve = ctx.session.get(VirtualEnvironment, ve_id)
                     ctx.record(
                         "ve",
                         ve.name if ve else str(ve_id),
-                        f"cannot export the filesystem image to {public.resource_label(row)}: {exc.message}",
+                        f"cannot export the filesystem image to {public.resource_label(row)}: {message}",
                         level=EventLevel.ERROR,
                     )
                     if ve is not None:
                         self._set_problem(
                             ctx,
                             ve,
-                            f"cannot export the filesystem image to {public.resource_label(row)}: {exc.message}",
+                            f"cannot export the filesystem image to {public.resource_label(row)}: {message}",
                         )
                 continue
             self._exports.pop(rid, None)
@@ -393,6 +429,11 @@ class Reconciler:
                 if ve is not None:
                     self._set_problem(ctx, ve, "")
         ctx.commit()
+        for access in left:
+            try:
+                access.withdraw()
+            except QrmError as exc:
+                log.warning("could not withdraw an export from %s: %s", access.client.mac, exc.message)
 
     # -- 4. partitions ---------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlmodel import col, select
 
 from qrm_core.drivers.base import ExportClient, StorageDriver, StorageTarget
@@ -228,13 +230,35 @@ def _client(resource: Resource) -> ExportClient:
     return ExportClient(mac=resource.mac, ip=resource.ip, hostname=resource.hostname)
 
 
+@dataclass(frozen=True)
+class VolumeAccess:
+    """One resource's access to a VE's filesystem image, with everything the
+    storage driver needs read from the database beforehand: the driver call
+    (an NFS server, an iSCSI target: it can take a while) can then run with
+    no database transaction open, so it holds no lock."""
+
+    driver: StorageDriver
+    target: StorageTarget
+    location: str
+    client: ExportClient
+
+    def grant(self) -> None:
+        self.driver.export_volume(self.target, self.location, self.client)
+
+    def withdraw(self) -> None:
+        self.driver.unexport_volume(self.target, self.location, self.client)
+
+
+def volume_access(ctx: ServiceContext, ve_id: int, resource: Resource) -> VolumeAccess:
+    storage_row, fs = _ve_volume(ctx, ve_id)
+    return VolumeAccess(driver_for(ctx, storage_row), target(storage_row), fs.location, _client(resource))
+
+
 def export_to(ctx: ServiceContext, ve_id: int, resource: Resource) -> None:
     """Give ``resource`` access to the VE's filesystem image before it boots into it."""
-    storage_row, fs = _ve_volume(ctx, ve_id)
-    driver_for(ctx, storage_row).export_volume(target(storage_row), fs.location, _client(resource))
+    volume_access(ctx, ve_id, resource).grant()
 
 
 def unexport_from(ctx: ServiceContext, ve_id: int, resource: Resource) -> None:
     """Withdraw ``resource``'s access to the VE's filesystem image (it left the VE)."""
-    storage_row, fs = _ve_volume(ctx, ve_id)
-    driver_for(ctx, storage_row).unexport_volume(target(storage_row), fs.location, _client(resource))
+    volume_access(ctx, ve_id, resource).withdraw()
