@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from qrm_core.plugins import PluginSystem
 
 log = logging.getLogger("qrm.engine")
+_ASSIGN_CHUNK = 500  # resources per UPDATE ... RETURNING when placing
 
 S = ResourceState
 LIVE = (S.IDLE.value, S.ASSIGNED.value, S.BOOTING.value, S.ACTIVE.value)
@@ -306,31 +307,62 @@ class Reconciler:
     ) -> int:
         if not assignments:
             return 0
+        # Each UPDATE is guarded (still idle, still free): a resource taken
+        # meanwhile (another server, an operator) is not counted as placed.
         table = Resource.__table__  # type: ignore[attr-defined]
-        statement = (
-            sa.update(table)
-            .where(
-                table.c.id == sa.bindparam("rid"),
-                table.c.state == S.IDLE.value,
-                table.c.ve_id.is_(None),
-            )
-            .values(
-                ve_id=sa.bindparam("ve"),
-                state=S.ASSIGNED.value,
-                boot_generation=table.c.boot_generation + 1,
-                state_changed_at=now,
-            )
-        )
-        done = 0
-        assigned: list[tuple[VirtualEnvironment, int]] = []
         connection = ctx.session.connection()
+        taken: set[int] = set()
+        if connection.dialect.update_returning:
+            # One guarded UPDATE ... RETURNING per chunk instead of one round
+            # trip per resource (PostgreSQL, SQLite; MariaDB has no UPDATE ...
+            # RETURNING and takes the loop below).
+            for start in range(0, len(assignments), _ASSIGN_CHUNK):
+                chunk = assignments[start : start + _ASSIGN_CHUNK]
+                ve_of = {cand.id: int(ve.id or 0) for ve, cand in chunk}
+                batch = (
+                    sa.update(table)
+                    .where(
+                        table.c.id.in_(list(ve_of)),
+                        table.c.state == S.IDLE.value,
+                        table.c.ve_id.is_(None),
+                    )
+                    .values(
+                        ve_id=sa.case(ve_of, value=table.c.id),
+                        state=S.ASSIGNED.value,
+                        boot_generation=table.c.boot_generation + 1,
+                        state_changed_at=now,
+                    )
+                    .returning(table.c.id)
+                )
+                taken.update(connection.execute(batch).scalars())
+        else:
+            statement = (
+                sa.update(table)
+                .where(
+                    table.c.id == sa.bindparam("rid"),
+                    table.c.state == S.IDLE.value,
+                    table.c.ve_id.is_(None),
+                )
+                .values(
+                    ve_id=sa.bindparam("ve"),
+                    state=S.ASSIGNED.value,
+                    boot_generation=table.c.boot_generation + 1,
+                    state_changed_at=now,
+                )
+            )
+            for ve, cand in assignments:
+                if connection.execute(statement, {"rid": cand.id, "ve": ve.id}).rowcount == 1:
+                    taken.add(cand.id)
+        assigned: list[tuple[VirtualEnvironment, int]] = []
         for ve, cand in assignments:
-            result = connection.execute(statement, {"rid": cand.id, "ve": ve.id})
-            if result.rowcount == 1:
-                done += 1
+            if cand.id in taken:
                 assigned.append((ve, cand.id))
                 self._exports[cand.id] = int(ve.id or 0)
-                ctx.record("ve", ve.name, f"resource {cand.id} assigned to {ve.name}; reboot ordered")
+        ctx.record_fast(
+            "ve",
+            [(ve.name, f"resource {rid} assigned to {ve.name}; reboot ordered") for ve, rid in assigned],
+        )
+        done = len(assigned)
         if assigned and (
             ctx.hooks.wants("qrm_ve_resource_assigned") or ctx.hooks.wants("qrm_resource_state_changed")
         ):

@@ -94,16 +94,18 @@ class ServiceContext:
     def record_fast(
         self,
         object_type: str,
-        object_name: str,
-        messages: list[str],
+        entries: list[tuple[str, str]],
         level: EventLevel = EventLevel.INFO,
     ) -> None:
-        """Add audit events like :meth:`record`, with one INSERT and no ORM
-        objects (for the paths every machine takes: registrations). The same
-        rows, the same audit log lines; a plugin that listens to
-        ``qrm_event_recorded`` gets them through :meth:`record` instead."""
+        """Add audit events like :meth:`record`, one per ``(object name,
+        message)``, with one INSERT and no ORM objects (for the paths that
+        run per machine: registrations, placements). The same rows, the same
+        audit log lines; a plugin that listens to ``qrm_event_recorded`` gets
+        them through :meth:`record` instead."""
+        if not entries:
+            return
         if self.hooks.wants("qrm_event_recorded"):
-            for message in messages:
+            for object_name, message in entries:
                 self.record(object_type, object_name, message, level)
             return
         now = utcnow()
@@ -116,7 +118,7 @@ class ServiceContext:
                 "level": level.value,
                 "message": message,
             }
-            for message in messages
+            for object_name, message in entries
         ]
         self.session.connection().execute(_INSERT_EVENT, rows)
         self._fast_events.extend(rows)

@@ -289,10 +289,9 @@ def _register_first_sight(
         raise Conflict(f"resource {mac} registered concurrently") from None
     ctx.record_fast(
         "resource",
-        label,
         [
-            f"resource {mac} registered ({ResourceKind.PHYSICAL.value})",
-            f"resource {label} {S.NEW.value} -> {S.IDLE.value}: registered",
+            (label, f"resource {mac} registered ({ResourceKind.PHYSICAL.value})"),
+            (label, f"resource {label} {S.NEW.value} -> {S.IDLE.value}: registered"),
         ],
     )
     ctx.commit()
