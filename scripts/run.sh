@@ -11,7 +11,7 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   exit 1
 fi
 stamp=.venv/.qrm-installed
-if [ ! -x .venv/bin/qrm ] || [ -n "$(find qrm_core plugins -name pyproject.toml -newer "$stamp" 2>/dev/null)" ]; then
+if [ ! -x .venv/bin/qrm ] || [ ! -f "$stamp" ] || [ -n "$(find qrm_core plugins -name pyproject.toml -newer "$stamp" 2>/dev/null)" ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   packages=(-e ./qrm_core)
