@@ -12,6 +12,8 @@ from pydantic import BaseModel
 
 from qrm_core.config import Settings
 from qrm_core.models import (
+    ApiTokenCreated,
+    ApiTokenPublic,
     BootImagePublic,
     EventPublic,
     FilesystemImagePublic,
@@ -120,6 +122,10 @@ class Client(Protocol):
     def user_list(self) -> list[UserPublic]: ...
     def user_passwd(self, name: str, password: str) -> UserPublic: ...
     def user_remove(self, name: str) -> UserPublic: ...
+
+    def token_create(self, name: str, user: str | None) -> ApiTokenCreated: ...
+    def token_list(self, user: str | None, all_users: bool) -> list[ApiTokenPublic]: ...
+    def token_revoke(self, token_id: int) -> ApiTokenPublic: ...
 
     def enrollment_token(self) -> str: ...
 
@@ -401,6 +407,26 @@ class LocalClient:
         with self._ctx() as ctx:
             return users.remove_user(ctx, name)
 
+    # -- API tokens (the local operator is trusted with every user's, as for users) --
+
+    def token_create(self, name: str, user: str | None) -> ApiTokenCreated:
+        from qrm_core.services import tokens
+
+        with self._ctx() as ctx:
+            return tokens.create_token(ctx, name=name, user=user, admin=True)
+
+    def token_list(self, user: str | None, all_users: bool) -> list[ApiTokenPublic]:
+        from qrm_core.services import tokens
+
+        with self._ctx() as ctx:
+            return tokens.list_tokens(ctx, user=user, all_users=all_users, admin=True)
+
+    def token_revoke(self, token_id: int) -> ApiTokenPublic:
+        from qrm_core.services import tokens
+
+        with self._ctx() as ctx:
+            return tokens.revoke_token(ctx, token_id, admin=True)
+
     def enrollment_token(self) -> str:
         from qrm_core.services import site
 
@@ -630,6 +656,19 @@ class RemoteClient:
 
     def user_remove(self, name: str) -> UserPublic:
         return UserPublic.model_validate(self._request("DELETE", f"/users/{_q(name)}"))
+
+    def token_create(self, name: str, user: str | None) -> ApiTokenCreated:
+        body = {"name": name, "user": user}
+        return ApiTokenCreated.model_validate(self._request("POST", "/auth/tokens", json=body))
+
+    def token_list(self, user: str | None, all_users: bool) -> list[ApiTokenPublic]:
+        return [
+            ApiTokenPublic.model_validate(x)
+            for x in self._get("/auth/tokens", user=user, all="true" if all_users else None)
+        ]
+
+    def token_revoke(self, token_id: int) -> ApiTokenPublic:
+        return ApiTokenPublic.model_validate(self._request("DELETE", f"/auth/tokens/{token_id}"))
 
     def enrollment_token(self) -> str:
         return str(self._get("/site/enrollment-token")["token"])

@@ -531,3 +531,19 @@ class UserPublic(SQLModel):
     name: str
     role: str
     created_at: datetime
+
+
+class ApiTokenPublic(SQLModel):
+    """An API token as listed: never its secret nor the secret's hash."""
+
+    id: int
+    name: str
+    user: str
+    created_at: datetime
+    last_used: datetime | None
+
+
+class ApiTokenCreated(ApiTokenPublic):
+    """A token just created: the only time its secret is shown."""
+
+    token: str

@@ -14,8 +14,8 @@ from fastapi import Depends, Request
 from sqlmodel import select
 
 from qrm_core.errors import AuthError, Forbidden
-from qrm_core.models import ApiToken, Role, User, utcnow
-from qrm_core.services import ServiceContext, service_context, users
+from qrm_core.models import Role, User
+from qrm_core.services import ServiceContext, service_context, tokens, users
 
 ROLE_RANK = {Role.VIEWER.value: 0, Role.OPERATOR.value: 1, Role.ADMIN.value: 2}
 
@@ -56,10 +56,6 @@ class _PasswordCache:
 password_cache = _PasswordCache()
 
 
-def hash_api_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def get_ctx(request: Request) -> Iterator[ServiceContext]:
     """A service context per request, acting as the authenticated user if any."""
     state = request.app.state
@@ -92,17 +88,7 @@ def _authenticate(request: Request) -> Principal:
                 raise AuthError("wrong user name or password")
             return Principal(name=row.name, role=row.role, via="password")
         if scheme.lower() == "bearer" and value.strip():
-            token = ctx.session.exec(
-                select(ApiToken).where(ApiToken.token_hash == hash_api_token(value.strip()))
-            ).first()
-            if token is None:
-                raise AuthError("unknown or revoked API token")
-            user = ctx.session.get(User, token.user_id)
-            if user is None:
-                raise AuthError("unknown or revoked API token")
-            token.last_used = utcnow()
-            ctx.session.add(token)
-            ctx.session.commit()
+            user = tokens.authenticate(ctx, value.strip())
             return Principal(name=user.name, role=user.role, via="token")
     raise AuthError("authentication required (HTTP basic with user and password, or a bearer API token)")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import tempfile
 from pathlib import Path as FilePath
@@ -10,20 +9,20 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from pydantic import BaseModel, Field
-from sqlmodel import select
 
-from qrm_core.api.deps import Admin, Ctx, Operator, Viewer, hash_api_token
+from qrm_core.api.deps import Admin, Ctx, Operator, Viewer
 from qrm_core.client import HealthPublic, PluginPublic, ResourceDetail, ResourceListPublic
-from qrm_core.errors import InvalidInput, NotFound
+from qrm_core.errors import InvalidInput
 from qrm_core.models import (
-    ApiToken,
+    ApiTokenCreated,
+    ApiTokenPublic,
     BootImagePublic,
     EventPublic,
     FilesystemImagePublic,
     PartitionPublic,
     ResourcePublic,
+    Role,
     StorageServerPublic,
-    User,
     UserPublic,
     VirtualEnvironmentPublic,
 )
@@ -35,6 +34,7 @@ from qrm_core.services import (
     plugin_state,
     resources,
     storage,
+    tokens,
     users,
 )
 from qrm_core.services import virtual_environments as ves
@@ -83,43 +83,31 @@ def whoami(user: Viewer) -> WhoAmI:
 
 
 class TokenCreate(BaseModel):
-    name: str = Field(default="cli", max_length=64)
-
-
-class TokenCreated(BaseModel):
-    id: int
-    name: str
-    token: str
+    name: str = "cli"
+    user: str | None = None
 
 
 @router.post("/auth/tokens", tags=["auth"], status_code=201)
-def create_token(user: Viewer, ctx: Ctx, body: TokenCreate) -> TokenCreated:
-    """Create an API token for the calling user; the token is shown only here."""
-    from qrm_core.services import validation as v
+def create_token(user: Viewer, ctx: Ctx, body: TokenCreate) -> ApiTokenCreated:
+    """Create an API token for the calling user (an admin: for any user); the token is shown only here."""
+    return tokens.create_token(ctx, name=body.name, user=body.user, admin=user.role == Role.ADMIN)
 
-    name = v.name(body.name, "token name")
-    owner = ctx.session.exec(select(User).where(User.name == user.name)).one()
-    token = "qrm_" + secrets.token_urlsafe(32)
-    row = ApiToken(user_id=owner.id, name=name, token_hash=hash_api_token(token))  # type: ignore[arg-type]
-    ctx.session.add(row)
-    ctx.record("user", user.name, f"API token {name} created")
-    ctx.session.flush()
-    assert row.id is not None
-    created = TokenCreated(id=row.id, name=name, token=token)
-    ctx.commit()
-    return created
+
+@router.get("/auth/tokens", tags=["auth"])
+def list_tokens(
+    user: Viewer,
+    ctx: Ctx,
+    owner: Annotated[str | None, Query(alias="user")] = None,
+    all_users: Annotated[bool, Query(alias="all")] = False,
+) -> list[ApiTokenPublic]:
+    """The calling user's API tokens; an admin may ask for another user's, or every user's."""
+    return tokens.list_tokens(ctx, user=owner, all_users=all_users, admin=user.role == Role.ADMIN)
 
 
 @router.delete("/auth/tokens/{token_id}", tags=["auth"])
-def revoke_token(user: Viewer, ctx: Ctx, token_id: Id) -> dict[str, bool]:
-    row = ctx.session.get(ApiToken, token_id)
-    owner = ctx.session.exec(select(User).where(User.name == user.name)).one()
-    if row is None or (row.user_id != owner.id and user.role != "admin"):
-        raise NotFound(f"API token {token_id} does not exist")
-    ctx.session.delete(row)
-    ctx.record("user", user.name, f"API token {row.name} revoked")
-    ctx.commit()
-    return {"revoked": True}
+def revoke_token(user: Viewer, ctx: Ctx, token_id: Id) -> ApiTokenPublic:
+    """Revoke an API token: its owner or an admin may."""
+    return tokens.revoke_token(ctx, token_id, admin=user.role == Role.ADMIN)
 
 
 # ---------------------------------------------------------------------------

@@ -177,6 +177,23 @@ USER_COLUMNS = [
     ("ROLE", lambda u: u.role),
     ("CREATED", lambda u: u.created_at),
 ]
+TOKEN_COLUMNS = [
+    ("ID", lambda t: t.id),
+    ("NAME", lambda t: t.name),
+    ("USER", lambda t: t.user),
+    ("CREATED", lambda t: t.created_at),
+    ("LAST USED", lambda t: t.last_used),
+]
+
+
+def token_id(text: str) -> int:
+    """An API token's id as typed: the number ``qrm token list`` shows."""
+    from qrm_core.services.tokens import MAX_ID
+
+    value = text.strip()
+    if not value.isdecimal() or not 1 <= int(value) <= MAX_ID:
+        raise InvalidInput(f"invalid API token id {text!r}: use the number 'qrm token list' shows")
+    return int(value)
 
 
 # ---------------------------------------------------------------------------
@@ -780,6 +797,52 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
         """Remove a user (not the last admin)."""
         result = _client(ctx).user_remove(name)
         done(result, f"removed user {result.name}", output)
+
+    # -- API tokens ------------------------------------------------------
+
+    token_app = typer.Typer(
+        help="API tokens: bearer secrets for --token and the REST API.", no_args_is_help=True
+    )
+    app.add_typer(token_app, name="token")
+
+    @token_app.command("create")
+    def token_create(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Option("-n", "--name", help="a name to tell the token by")],
+        user: Annotated[
+            str | None, typer.Option("--user", help="whose token (default: yours; others' need admin)")
+        ] = None,
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Create an API token; it is printed this once and cannot be shown again."""
+        result = _client(ctx).token_create(name, user)
+        if output is Output.json:
+            show_one(result, output)
+            return
+        message(f"created API token {result.name} (id {result.id}) for {result.user}; it is shown only now:")
+        typer.echo(result.token)
+
+    @token_app.command("list")
+    def token_list(
+        ctx: typer.Context,
+        user: Annotated[
+            str | None, typer.Option("--user", help="this user's tokens (default: yours; others' need admin)")
+        ] = None,
+        all_users: Annotated[bool, typer.Option("--all", help="every user's tokens (admin)")] = False,
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """List API tokens (never their secrets)."""
+        show_list(_client(ctx).token_list(user, all_users), TOKEN_COLUMNS, output, "API tokens")
+
+    @token_app.command("revoke")
+    def token_revoke(
+        ctx: typer.Context,
+        id_text: Annotated[str, typer.Argument(metavar="ID", help="the token's id (qrm token list)")],
+        output: OutputOpt = Output.table,
+    ) -> None:
+        """Revoke an API token (yours; an admin: anyone's). It stops working at once."""
+        result = _client(ctx).token_revoke(token_id(id_text))
+        done(result, f"revoked API token {result.name} (id {result.id}) of {result.user}", output)
 
     # -- plugins ---------------------------------------------------------
 
