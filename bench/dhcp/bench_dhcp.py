@@ -15,12 +15,27 @@ and deletes; nothing is sent outside it):
   hosts table (every row inserted);
 * one change (a new resource reserved, then removed), as the resource hooks
   do it: Kea ``config-set`` (whole configuration), Kea hosts database
-  (PostgreSQL and MariaDB: one row), ISC OMAPI (one host object).
+  (PostgreSQL and MariaDB: one row), ISC OMAPI (one host object);
+* a burst (Kea without a hosts database, ``--burst K``): K new resources are
+  inserted, then K threads call ``upsert`` at once, as K registrations
+  arriving together would; the wall time until all K have returned, the
+  number of ``config-set`` commands Kea logged for them, and the slowest
+  caller, three ways: group commit (the plugin's behaviour); off (every
+  change its own rewrite, one after another: ``KeaBackend(coalesce=False)``);
+  and the change path of the commit before group commit (a rewrite per
+  change, all overlapping; replayed here by ``previous_change``). The K
+  reservations are checked in Kea's running configuration afterwards (the
+  first two modes fail the run if one is missing; the third reports it). All
+  K rows are committed before the burst starts, so every rewrite reads all
+  of them: the previous code's lost reservations (a rewrite that read before
+  another change's commit applied last) cannot show here;
+  ``plugins/qrm_dhcpd/tests/test_dhcpd_kea_burst.py`` covers that case.
 
 Usage (from the repository root, in a virtualenv with qrm-core and qrm-dhcpd):
 
     sudo .venv/bin/python bench/dhcp/bench_dhcp.py                 # 100, 1000, 10000
     sudo .venv/bin/python bench/dhcp/bench_dhcp.py --sizes 1000 --changes 5 --no-db
+    sudo .venv/bin/python bench/dhcp/bench_dhcp.py --sizes 1000,10000 --backends kea --no-db --burst 100
 
 Results: a Markdown table on stdout and JSON in bench/results/.
 """
@@ -37,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,7 +65,8 @@ from sqlmodel import col
 from qrm_core import db
 from qrm_core.config import Settings
 from qrm_core.models import Resource
-from qrm_dhcpd.backends import Backend, get_backend
+from qrm_dhcpd.backends import Backend, KeaBackend, get_backend
+from qrm_dhcpd.kea import KeaControl
 from qrm_dhcpd.keadb import db_init, dispose_engines
 from qrm_dhcpd.service import ManagedDhcpServer
 from qrm_dhcpd.settings import DhcpdSettings
@@ -179,8 +196,103 @@ def change_cost(backend: Backend, core: Settings, size: int, changes: int) -> di
     return {"add": statistics.median(add), "remove": statistics.median(remove)}
 
 
+def kea_log_count(server: ManagedDhcpServer, command: str) -> int:
+    """How many times the running Kea logged receiving ``command`` (its own log, not ours)."""
+    text = server.backend.paths.log.read_text(errors="replace")
+    return text.count(f"COMMAND_RECEIVED Received command '{command}'")
+
+
+def previous_change(backend: KeaBackend) -> None:
+    """The change path before group commit (as in the commit before it): a rewrite per change, overlapping."""
+    from qrm_dhcpd import kea
+    from qrm_dhcpd.system import atomic_write
+
+    hosts = backend.host_set()
+    config = backend.config(hosts)
+    text = kea.dumps(config)
+    try:
+        backend.control.config_set(config, text=text)
+    except kea.KeaUnreachable:
+        backend._full_sync(apply=False)
+        raise
+    atomic_write(backend.paths.config, text)
+
+
+#: Burst modes: group commit (the plugin), a rewrite per change in turn, and the code before group commit.
+BURST_MODES = ("on", "off", "before")
+
+
+def burst_cost(
+    server: ManagedDhcpServer, settings: DhcpdSettings, core: Settings, first: int, k: int, mode: str
+) -> dict[str, Any]:
+    """K new resources, then K concurrent changes (a backend each, as the hooks make them)."""
+    engine = db.get_engine(core)
+    nodes = []
+    with engine.begin() as conn:
+        for i in range(first, first + k):
+            row = {"mac": mac(i), "ip": str(FIRST_RESERVED + i), "hostname": f"burst{i}", "kind": "physical",
+                   "state": "idle", "capabilities": []}  # fmt: skip
+            key = conn.execute(sa.insert(Resource).values(**row)).inserted_primary_key
+            nodes.append((row["mac"], row["ip"], row["hostname"], int(key[0]) if key is not None else None))
+    coordinator = KeaBackend(settings, core).coordinator
+    sets0, rewrites0 = kea_log_count(server, "config-set"), coordinator.rewrites
+    barrier = threading.Barrier(k + 1)
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def change(node: tuple[str, str, str, int | None]) -> None:
+        backend = KeaBackend(settings, core, coalesce=mode == "on")
+        barrier.wait()
+        t0 = time.perf_counter()
+        try:
+            if mode == "before":
+                previous_change(backend)
+            else:
+                backend.upsert(mac=node[0], ip=node[1], hostname=node[2], resource_id=node[3])
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            failures.append(f"{type(exc).__name__}: {exc}")
+        latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=change, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    load = os.getloadavg()[0]
+    barrier.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    answer = KeaControl(server.backend.paths.control_socket, 60).command("config-get")
+    live = {r["hw-address"] for r in answer["arguments"]["Dhcp4"]["subnet4"][0].get("reservations", [])}
+    missing = sum(1 for node in nodes if node[0] not in live)
+    if mode != "before" and (failures or missing):
+        raise RuntimeError(f"burst: {len(failures)} failed ({failures[:1]}), {missing} not in Kea")
+    result = {
+        "wall": wall,
+        "config_sets": kea_log_count(server, "config-set") - sets0,
+        "rewrites": coordinator.rewrites - rewrites0,
+        "slowest": max(latencies),
+        "median": statistics.median(latencies),
+        "load": load,
+        "failed": len(failures),
+        "missing": missing,
+        "first_failure": failures[0] if failures else "",
+    }
+    with engine.begin() as conn:  # back to `size` resources for whatever comes next
+        conn.execute(sa.delete(Resource).where(col(Resource.id).in_([node[3] for node in nodes])))
+    KeaBackend(settings, core).full_sync()
+    return result
+
+
 def bench_backend(
-    name: str, label: str, settings: DhcpdSettings, core: Settings, size: int, repeat: int, changes: int
+    name: str,
+    label: str,
+    settings: DhcpdSettings,
+    core: Settings,
+    size: int,
+    repeat: int,
+    changes: int,
+    burst: int = 0,
 ) -> dict[str, Any]:
     backend = get_backend(settings, core)
     result: dict[str, Any] = {"backend": label, "size": size}
@@ -197,6 +309,10 @@ def bench_backend(
         live = [backend.full_sync().timings for _ in range(repeat)]
         result["live"] = median_of(live)
         result["change"] = change_cost(backend, core, size, changes)
+        if burst and label == "kea":
+            result["burst"] = {"k": burst}
+            for n, mode in enumerate(BURST_MODES, start=1):
+                result["burst"][mode] = burst_cost(server, settings, core, size + n * 100_000, burst, mode)
         assert server.process is not None and server.process.poll() is None, "server died"
     finally:
         server.stop()
@@ -267,6 +383,12 @@ def main() -> int:
         "--no-db", action="store_true", help="skip Kea's hosts database (PostgreSQL, MariaDB)"
     )
     parser.add_argument("--backends", default="kea,isc")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=100,
+        help="K concurrent changes on Kea without a hosts database, group commit on and off (0: skip)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (network namespaces)", file=sys.stderr)
@@ -280,7 +402,9 @@ def main() -> int:
                 core = core_settings(workdir, size)
                 for name in args.backends.split(","):
                     settings = dhcpd_settings(name, netns, interface, workdir)
-                    results.append(bench_backend(name, name, settings, core, size, args.repeat, args.changes))
+                    results.append(
+                        bench_backend(name, name, settings, core, size, args.repeat, args.changes, args.burst)
+                    )
                     print(f"# {name} {size}: {json.dumps(results[-1])}", file=sys.stderr)
                 if not args.no_db and "kea" in args.backends:
                     for kind in ("postgresql", "mysql"):
@@ -329,6 +453,30 @@ def main() -> int:
         print(
             f"| {r['backend']} | {paths[r['backend']]} | {r['size']:,} | {fmt(c['add'])} | {fmt(c['remove'])} |"
         )
+    bursts = [r for r in results if "burst" in r]
+    if bursts:
+        print()
+        print(f"A burst of {args.burst} changes at once (Kea without a hosts database; one thread each):")
+        print()
+        print(
+            "| resources | change path | **all returned after** | config-sets | slowest caller | median caller "
+            "| failed / missing in Kea | load |"
+        )
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        names = {"on": "group commit", "off": "a rewrite per change, in turn",
+                 "before": "previous code: a rewrite per change, overlapping"}  # fmt: skip
+        for r in bursts:
+            for mode in BURST_MODES:
+                b = r["burst"][mode]
+                print(
+                    f"| {r['size']:,} | {names[mode]} | **{b['wall']:.2f} s** | {b['config_sets']} | "
+                    f"{b['slowest']:.2f} s | {b['median']:.2f} s | {b['failed']} / {b['missing']} | {b['load']:.1f} |"
+                )
+            on = r["burst"]["on"]["wall"]
+            print(
+                f"| {r['size']:,} | ratio to group commit | off {r['burst']['off']['wall'] / on:.0f}x, "
+                f"before {r['burst']['before']['wall'] / on:.0f}x | | | | | |"
+            )
     out_dir = Path(__file__).resolve().parents[1] / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"dhcp-{time.strftime('%Y%m%d-%H%M%S')}.json"

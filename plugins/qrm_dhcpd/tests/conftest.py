@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dhcpdlab import Wire, need, need_root_netns
+from dhcpdlab import Wire, need, need_root_netns, running
+
+from qrm_core.config import Settings
+from qrm_dhcpd.service import ManagedDhcpServer
 
 pytest_plugins = ["qrm_core.testing"]
 
@@ -42,3 +45,11 @@ def kea_bin() -> str:
 @pytest.fixture
 def dhcpd_bin() -> str:
     return need("dhcpd", "isc-dhcp-server")
+
+
+@pytest.fixture
+def kea_server(
+    wire: Wire, short_dir: Path, monkeypatch: pytest.MonkeyPatch, qrm_settings: Settings, kea_bin: str
+) -> Iterator[ManagedDhcpServer]:
+    with running("kea", wire, short_dir, monkeypatch, qrm_settings) as managed:
+        yield managed

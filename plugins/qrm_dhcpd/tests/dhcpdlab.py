@@ -12,13 +12,20 @@ import itertools
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
+from qrm_core.config import Settings
+from qrm_core.models import Event
 from qrm_core.testing import missing
+from qrm_dhcpd.service import ManagedDhcpServer
+from qrm_dhcpd.settings import load_settings
 
 SERVER_IP = "10.99.0.1"
 SUBNET = "10.99.0.0/24"
@@ -180,6 +187,33 @@ def dhcpd_env(
     values.update({k.upper(): str(v) for k, v in extra.items()})
     for key, value in values.items():
         monkeypatch.setenv(f"QRM_DHCPD_{key}", value)
+
+
+@contextmanager
+def running(
+    backend: str, wire: Wire, socket_dir: Path, monkeypatch: pytest.MonkeyPatch, core: Settings, **extra: str
+) -> Iterator[ManagedDhcpServer]:
+    """The plugin's managed server for ``backend``, in the wire's server namespace; stopped by PID."""
+    dhcpd_env(
+        monkeypatch,
+        backend=backend,
+        interface=wire.server_if,
+        netns=wire.server_ns,
+        socket_dir=socket_dir,
+        **extra,
+    )
+    managed = ManagedDhcpServer(load_settings(), core)
+    managed.start()
+    try:
+        yield managed
+    finally:
+        managed.stop()
+
+
+def error_events(ctx) -> list[str]:  # type: ignore[no-untyped-def]
+    """The messages of the error events recorded so far (the plugin records its failures as such)."""
+    ctx.session.expire_all()
+    return [e.message for e in ctx.session.exec(select(Event).where(Event.level == "error")).all()]
 
 
 class Bridge:

@@ -14,17 +14,16 @@ import ipaddress
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from dhcpdlab import POOL, SERVER_IP, Wire, dhcpd_env
+from dhcpdlab import POOL, SERVER_IP, Wire, dhcpd_env, error_events, running
 from sqlmodel import select
 
 import qrm_dhcpd.plugin
 from qrm_core.config import Settings
 from qrm_core.errors import PluginError
-from qrm_core.models import Event, Resource
+from qrm_core.models import Resource
 from qrm_core.plugins import PluginSystem
 from qrm_core.services.resources import add_resource, remove_resource, show_resource
 from qrm_dhcpd.kea import KeaControl
@@ -47,27 +46,6 @@ def in_pool(ip: str | None) -> bool:
     )
 
 
-@contextmanager
-def running(
-    backend: str, wire: Wire, socket_dir: Path, monkeypatch: pytest.MonkeyPatch, core: Settings, **extra: str
-):  # type: ignore[no-untyped-def]
-    """The plugin's managed server for ``backend``, in the wire's server namespace; stopped by PID."""
-    dhcpd_env(
-        monkeypatch,
-        backend=backend,
-        interface=wire.server_if,
-        netns=wire.server_ns,
-        socket_dir=socket_dir,
-        **extra,
-    )
-    managed = ManagedDhcpServer(load_settings(), core)
-    managed.start()
-    try:
-        yield managed
-    finally:
-        managed.stop()
-
-
 @pytest.fixture(params=["kea", "isc"])
 def server(
     request: pytest.FixtureRequest,
@@ -82,19 +60,6 @@ def server(
         request.param, wire, short_dir, monkeypatch, qrm_settings, isc_ping_check="false"
     ) as managed:
         yield managed
-
-
-@pytest.fixture
-def kea_server(
-    wire: Wire, short_dir: Path, monkeypatch: pytest.MonkeyPatch, qrm_settings: Settings, kea_bin: str
-) -> Iterator[ManagedDhcpServer]:
-    with running("kea", wire, short_dir, monkeypatch, qrm_settings) as managed:
-        yield managed
-
-
-def error_events(ctx) -> list[str]:  # type: ignore[no-untyped-def]
-    ctx.session.expire_all()
-    return [e.message for e in ctx.session.exec(select(Event).where(Event.level == "error")).all()]
 
 
 def test_boot_file_by_client_type(server: ManagedDhcpServer, wire: Wire) -> None:

@@ -12,7 +12,10 @@ Single change (the resource hooks), by backend:
 * Kea without one: ``config-set`` of the whole configuration over the control
   socket (Kea 2.2 in Debian has no ``host_cmds`` hook). Kea validates the new
   configuration and keeps the old one if it rejects it; the file is written
-  only after Kea accepted it. Work grows with the number of resources.
+  only after Kea accepted it. Work grows with the number of resources, so
+  changes that arrive while such a rewrite runs share the next one (group
+  commit, :mod:`qrm_dhcpd.coalesce`): a burst of registrations costs about
+  one rewrite per rewrite duration, not one per change.
 * ISC dhcpd: OMAPI deletes and creates the one host object; dhcpd records it
   in its leases file.
 
@@ -35,6 +38,7 @@ from typing import Any
 from qrm_core.config import Settings
 from qrm_core.errors import InvalidInput, PluginError
 from qrm_dhcpd import kea
+from qrm_dhcpd.coalesce import RewriteCoordinator, coordinator_for
 from qrm_dhcpd.hosts import Host, HostSet, Problem, build_host_set, host_from
 from qrm_dhcpd.settings import DhcpdPaths, DhcpdSettings, check_secret, require_configured
 from qrm_dhcpd.source import Row, address_owner, resource_rows
@@ -154,13 +158,27 @@ class Backend(ABC):
 # ---------------------------------------------------------------------------
 
 
+@dataclass
+class _Rewrite:
+    """What one whole-configuration rewrite did, for every change it covered."""
+
+    how: str
+    problems: list[Problem]
+
+
 class KeaBackend(Backend):
     name = "kea"
 
-    def __init__(self, settings: DhcpdSettings, core: Settings) -> None:
+    def __init__(self, settings: DhcpdSettings, core: Settings, *, coalesce: bool = True) -> None:
+        """``coalesce=False`` gives every change a rewrite of its own (the tests' and benchmark's baseline)."""
         super().__init__(settings, core)
         self.control = kea.KeaControl(self.paths.control_socket, settings.timeout)
         self._db: Any = None
+        self.coalesce = coalesce
+        #: Shared by every KeaBackend of this process that drives the same Kea.
+        self.coordinator: RewriteCoordinator = coordinator_for(
+            str(self.paths.config), str(self.paths.control_socket)
+        )
 
     @property
     def hosts_db(self) -> Any:
@@ -183,6 +201,15 @@ class KeaBackend(Backend):
         return kea.dumps(config if reveal else kea.mask(config))
 
     def full_sync(
+        self, *, rows: list[Row] | None = None, apply: bool = True, dry_run: bool = False
+    ) -> SyncReport:
+        if dry_run:
+            return self._full_sync(rows=rows, apply=apply, dry_run=True)
+        # In turn with the changes' rewrites, so an older view never lands after a newer one.
+        report, _ = self.coordinator.run(lambda: self._full_sync(rows=rows, apply=apply), share=False)
+        return report
+
+    def _full_sync(
         self, *, rows: list[Row] | None = None, apply: bool = True, dry_run: bool = False
     ) -> SyncReport:
         t0 = time.perf_counter()
@@ -238,26 +265,29 @@ class KeaBackend(Backend):
             if not swapped:
                 temp.unlink(missing_ok=True)
 
-    def _live_rewrite(self, mac: str, action: str) -> ChangeReport:
-        """The config-set path of one change: render all, let Kea validate and apply, then write the file."""
-        t0 = time.perf_counter()
+    def _rewrite(self) -> _Rewrite:
+        """Render every reservation, let Kea validate and apply it, then write the file.
+
+        Reads the database when it starts, so it covers every change committed
+        before. When Kea is not running, the file is rewritten (checked) instead.
+        """
         hosts = self.host_set()
         config = self.config(hosts)
-        problems = [p for p in hosts.problems if p.mac == mac]
         text = kea.dumps(config)
         try:
             self.control.config_set(config, text=text)
         except kea.KeaUnreachable:
-            self.full_sync(apply=False)
-            return ChangeReport(
-                mac,
-                action,
-                "Kea is not running: configuration file rewritten",
-                problems,
-                time.perf_counter() - t0,
-            )
+            self._full_sync(apply=False)
+            return _Rewrite("Kea is not running: configuration file rewritten", hosts.problems)
         atomic_write(self.paths.config, text)
-        return ChangeReport(mac, action, "config-set", problems, time.perf_counter() - t0)
+        return _Rewrite("config-set", hosts.problems)
+
+    def _live_rewrite(self, mac: str, action: str, t0: float) -> ChangeReport:
+        """The config-set path of one change: a whole rewrite, shared with the changes arriving meanwhile."""
+        done, shared = self.coordinator.run(self._rewrite, share=self.coalesce)
+        how = done.how if shared == 1 else f"{done.how} (shared by {shared} changes)"
+        problems = [p for p in done.problems if p.mac == mac]
+        return ChangeReport(mac, action, how, problems, time.perf_counter() - t0)
 
     def upsert(
         self, *, mac: str, ip: str | None, hostname: str | None, resource_id: int | None
@@ -266,7 +296,7 @@ class KeaBackend(Backend):
         host, problems = self.host(mac=mac, ip=ip, hostname=hostname, resource_id=resource_id)
         db = self.hosts_db
         if db is None:
-            return self._live_rewrite(host.mac, "reserved")
+            return self._live_rewrite(host.mac, "reserved", t0)
         problems += db.upsert(host)
         return ChangeReport(host.mac, "reserved", "hosts database", problems, time.perf_counter() - t0)
 
@@ -275,7 +305,7 @@ class KeaBackend(Backend):
         host, _ = self.host(mac=mac, ip=None, hostname=None, resource_id=None)
         db = self.hosts_db
         if db is None:
-            return self._live_rewrite(host.mac, "released")
+            return self._live_rewrite(host.mac, "released", t0)
         found = db.remove(host.hex)
         return ChangeReport(
             host.mac, "released" if found else "not reserved", "hosts database", [], time.perf_counter() - t0
