@@ -20,8 +20,9 @@ test_pkgs=(
   # cpio checks the archive; QEMU (with ipxe-qemu's virtio-net ROM) boots it; dash checks the agent's syntax
   busybox-static kmod cpio qemu-system-x86 ipxe-qemu dash
   # qrm lab and tests/integration/test_lab_e2e.py: QEMU machines PXE-booting through Kea or ISC dhcpd
-  # and qrm-tftpd into the node agent (a Debian kernel package is fetched with apt-get download)
-  qemu-system-x86 ipxe-qemu kea-dhcp4-server isc-dhcp-server busybox-static kmod curl tftpd-hpa
+  # and qrm-tftpd into the node agent (a Debian kernel package is fetched with apt-get download);
+  # UEFI machines (qrm lab up --firmware uefi) run OVMF and get ipxe.efi from ipxe
+  qemu-system-x86 ipxe-qemu kea-dhcp4-server isc-dhcp-server busybox-static kmod curl tftpd-hpa ovmf ipxe
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;

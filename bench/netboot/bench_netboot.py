@@ -20,11 +20,16 @@ QEMU under TCG with virtio-net and Debian's iPXE ROM) and measures:
   of the other machine) and kill -> active (adds the heartbeat timeout);
 * **VE stop -> idle**: ``ve stop web`` until the machine registered idle again.
 
+With ``--firmware uefi`` the machines run OVMF, whose own PXE client gets
+``ipxe.efi`` over TFTP first; firmware + iPXE + DHCP is then split at that
+request (OVMF and its DHCP; ``ipxe.efi`` loaded, started and its own DHCP).
+
 Usage (root; from the repository root, in a virtualenv with qrm-core and the
 qrm-tftpd, qrm-dhcpd and qrm-ramdisk plugins):
 
     sudo .venv/bin/python bench/netboot/bench_netboot.py                     # 3 rounds, 2 machines, Kea
     sudo .venv/bin/python bench/netboot/bench_netboot.py --dhcp kea,isc --rounds 3 --failover
+    sudo .venv/bin/python bench/netboot/bench_netboot.py --vms 1 --firmware uefi  # OVMF (apt-get install ovmf)
 
 Results: a Markdown table on stdout and JSON in bench/results/. The lab's
 directory of each round is a temporary one, removed afterwards (``--keep``
@@ -77,11 +82,11 @@ def resources(lab: Lab) -> dict[str, Any]:
         return {r.mac: r for r in client.resource_list(None, None, None, 0, None).items}
 
 
-def tftp_requests(log: Path) -> list[tuple[float, str]]:
-    """``(time, client ip)`` of every ``boot.ipxe`` request in the server's log (local time stamps)."""
+def tftp_requests(log: Path, name: str = "boot.ipxe") -> list[tuple[float, str]]:
+    """``(time, client ip)`` of every request for ``name`` in the server's log (local time stamps)."""
     found = []
     pattern = re.compile(
-        r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .* tftp: ([0-9.]+):\d+ boot\.ipxe: sending"
+        r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .* tftp: ([0-9.]+):\d+ " + re.escape(name) + ": sending"
     )
     for line in log.read_text(errors="replace").splitlines():
         match = pattern.match(line)
@@ -117,6 +122,7 @@ def one_round(args: argparse.Namespace, dhcp: str, kernel_deb: Path | None) -> d
             port=0,
             kernel_deb=kernel_deb,
             heartbeat_timeout=args.heartbeat_timeout,
+            firmware=args.firmware,
         )
         macs = {spec.mac: name for name, spec in state.vms.items()}
         rows = wait(
@@ -125,6 +131,7 @@ def one_round(args: argparse.Namespace, dhcp: str, kernel_deb: Path | None) -> d
             240,
         )
         requests = tftp_requests(lab.data_dir / "logs" / "qrm.log")
+        efi_requests = tftp_requests(lab.data_dir / "logs" / "qrm.log", "ipxe.efi")
         for mac, name in macs.items():
             row, on = rows[mac], state.powered_on[name]
             idle_at = utc(row.state_changed_at)
@@ -139,6 +146,10 @@ def one_round(args: argparse.Namespace, dhcp: str, kernel_deb: Path | None) -> d
             )
             if asked:
                 note("  firmware, iPXE, DHCP", asked[0] - on)
+                efi = [t for t, ip in efi_requests if ip == row.ip and on - 1 <= t <= asked[0]]
+                if efi:
+                    note("    OVMF and its PXE DHCP (-> ipxe.efi requested)", efi[0] - on)
+                    note("    ipxe.efi over TFTP, started, its DHCP (-> boot.ipxe)", asked[0] - efi[0])
                 note("  kernel+initrd over HTTP, decompression", idle_at - uptime - asked[0])
             note("  kernel + node agent (guest uptime)", uptime)
 
@@ -199,6 +210,7 @@ def main() -> int:
     parser.add_argument("--vms", type=int, default=2, help="machines powered on at once per round")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--memory", type=int, default=256)
+    parser.add_argument("--firmware", default="bios", help="bios (SeaBIOS) or uefi (OVMF)")
     parser.add_argument("--dhcp", default="kea", help="comma-separated: kea, isc")
     parser.add_argument("--failover", action="store_true", help="also kill the VE's machine")
     parser.add_argument("--heartbeat-timeout", type=float, default=netlab.DEFAULT_HEARTBEAT_TIMEOUT)
@@ -222,7 +234,8 @@ def main() -> int:
     print(
         f"\nMachine: {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after\n"
-        f"{args.rounds} rounds x {args.vms} machines ({args.cpus} CPUs, {args.memory} MB, TCG, virtio-net), "
+        f"{args.rounds} rounds x {args.vms} machines ({args.cpus} CPUs, {args.memory} MB, TCG, virtio-net, "
+        f"{args.firmware}), "
         f"heartbeat every {netlab.HEARTBEAT_INTERVAL:.0f} s, timeout {args.heartbeat_timeout:.0f} s\n"
     )
     for dhcp, figures in results.items():

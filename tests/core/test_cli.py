@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,43 @@ def test_lab_up_without_the_network_boot_plugins_says_which(qrm_cli, tmp_path) -
     else:
         assert "qrm lab needs root" in result.stderr
     assert not (tmp_path / "lab").exists() or not any((tmp_path / "lab").iterdir())
+
+
+def test_lab_uefi_machines_without_ovmf_say_what_to_install(qrm_cli, tmp_path, monkeypatch) -> None:
+    from qrm_core.lab import qemu
+
+    monkeypatch.setattr(qemu, "OVMF_PAIRS", ((tmp_path / "OVMF_CODE.fd", tmp_path / "OVMF_VARS.fd"),))
+    result = qrm_cli("lab", "up", "--vms", "1", "--firmware", "uefi", "--dir", str(tmp_path / "lab"))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    if os.geteuid() == 0:
+        assert re.search(r"qrm lab needs .*\bovmf\b.*: apt-get install .*\bovmf\b", result.stderr), (
+            result.stderr
+        )
+    else:
+        assert "qrm lab needs root" in result.stderr
+    assert not (tmp_path / "lab").exists() or not any((tmp_path / "lab").iterdir())
+
+
+def test_lab_machine_command_lines_bios_and_uefi(tmp_path, monkeypatch) -> None:
+    """BIOS: QEMU's defaults (SeaBIOS, the NIC's iPXE ROM). UEFI: OVMF's code read-only, the
+    machine's own variables writable, and no ROM (OVMF's own PXE client boots)."""
+    from qrm_core.lab import qemu
+
+    code, template = tmp_path / "CODE,4M.fd", tmp_path / "VARS.fd"
+    code.write_bytes(b"code")
+    template.write_bytes(b"vars")
+    monkeypatch.setattr(qemu, "OVMF_PAIRS", ((code, template),))
+    bios = qemu.qemu_argv(qemu.vm_spec(1, cpus=1, memory_mb=256), tmp_path / "console.log")
+    assert not any("pflash" in arg for arg in bios)
+    assert bios[bios.index("-device") + 1] == "virtio-net-pci,netdev=net0,mac=52:54:00:77:00:01"
+    assert qemu.firmware_list("BIOS, uefi", 2) == ["bios", "uefi"]
+    spec = qemu.vm_spec(2, cpus=1, memory_mb=256, firmware=qemu.firmware_list("uefi", 2)[1])
+    assert qemu.VmSpec.from_dict(spec.to_dict()) == spec
+    variables = qemu.make_vars(tmp_path / "vm2" / qemu.VARS_FILE, fresh=True)
+    variables.write_bytes(b"written by the firmware")
+    assert qemu.make_vars(variables, fresh=False).read_bytes() == b"written by the firmware"
+    assert qemu.make_vars(variables, fresh=True).read_bytes() == b"vars"
+    uefi = qemu.qemu_argv(spec, tmp_path / "console.log", variables)
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={tmp_path}/CODE,,4M.fd" in uefi
+    assert f"if=pflash,format=raw,unit=1,file={variables}" in uefi
+    assert uefi[uefi.index("-device") + 1] == "virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02,romfile="

@@ -12,8 +12,11 @@ and qrm's API (the lab's loopback forwarder), reading the machines' serial conso
 3. Two machines booted at once; the VE (failover on) runs on one; that machine is killed
    (SIGKILL to QEMU: a power cut); the VE comes up on the other. The killed machine,
    powered on again, comes back idle and never serves the VE again.
-4. The same boot through ISC dhcpd instead of Kea; then the server is killed (-9) and
-   ``qrm lab down`` still removes everything.
+4. The same boot through ISC dhcpd instead of Kea, on a UEFI machine (``--firmware
+   uefi``); then the server is killed (-9) and ``qrm lab down`` still removes everything.
+5. A UEFI machine (OVMF, no option ROM: the firmware's own PXE client) gets ``ipxe.efi``
+   by its client architecture, chains to qrm's iPXE script, registers idle, and reboots
+   into a VE through the firmware again.
 
 Plus: ``qrm lab down`` after ``qrm lab up`` was killed half-way, and bad input.
 
@@ -21,7 +24,7 @@ Timings (power-on -> idle, VE start -> active, kill -> active elsewhere, stop ->
 are printed; ``bench/netboot/bench_netboot.py`` measures the same over several rounds
 (docs/benchmarks.md, "Network boot").
 
-Needs root, qemu-system-x86, ipxe-qemu, kea-dhcp4-server, isc-dhcp-server,
+Needs root, qemu-system-x86, ipxe-qemu, ovmf, ipxe, kea-dhcp4-server, isc-dhcp-server,
 busybox-static, kmod, and a Debian kernel package (downloaded once with apt-get; the
 boot image built from it is cached by the lab). Under CI=true anything missing fails.
 """
@@ -45,7 +48,7 @@ from typing import Any
 import pytest
 
 from qrm_core.errors import QrmError
-from qrm_core.lab import netlab, procs
+from qrm_core.lab import netlab, procs, qemu
 from qrm_core.lab.helper import enter_netns
 from qrm_core.lab.netlab import Lab
 from qrm_core.testing import missing
@@ -58,6 +61,9 @@ MEMORY_MB = 256
 #: TCG, but 25 s was seen with two machines booting at once on a loaded 2-core machine. The
 #: timeout must not take such a machine for a dead one (docs/netboot.md, "The lab").
 HEARTBEAT_TIMEOUT = 15.0
+#: OVMF under TCG: power-on -> idle takes 22 s at load 3 on 2 cores, 32 s seen at load 5 (BIOS:
+#: 10 s); a VE start 26-42 s. Room for a loaded CI machine.
+UEFI_BOOT_TIMEOUT = 240.0
 TIMINGS: dict[str, list[float]] = {}
 
 
@@ -71,11 +77,11 @@ def timing(what: str, seconds: float) -> None:
 # ---------------------------------------------------------------------------
 
 
-def need_lab(dhcp: str) -> None:
+def need_lab(dhcp: str, *, uefi: bool = False) -> None:
     if os.geteuid() != 0:
         missing("root", "the lab needs network namespaces, taps and ports 67/69")
     try:
-        netlab.check_tools(dhcp)
+        netlab.check_tools(dhcp, uefi=uefi)  # UEFI: "qrm lab needs ovmf: apt-get install ovmf"
         netlab.check_plugins_installed()
     except QrmError as exc:
         missing("the lab's tools", exc.message)
@@ -211,10 +217,10 @@ def user_env(state: netlab.LabState) -> dict[str, str]:
     return env
 
 
-def tftp_request_time(lab: Lab, ip: str, after: float) -> float | None:
-    """When ``ip`` first asked qrm-tftpd for ``boot.ipxe`` (the server's log has local time stamps)."""
+def tftp_request_time(lab: Lab, ip: str, after: float, name: str = "boot.ipxe") -> float | None:
+    """When ``ip`` first asked qrm-tftpd for ``name`` (the server's log has local time stamps)."""
     pattern = re.compile(
-        rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) .* tftp: {re.escape(ip)}:\d+ boot\.ipxe: sending"
+        rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) .* tftp: {re.escape(ip)}:\d+ {re.escape(name)}: sending"
     )
     for line in (lab.data_dir / "logs" / "qrm.log").read_text(errors="replace").splitlines():
         if match := pattern.match(line):
@@ -347,16 +353,18 @@ def test_machines_boot_idle_run_a_ve_fail_over_and_stop(tmp_path: Path, kernel_d
 
 
 # ---------------------------------------------------------------------------
-# Scenario 4 (ISC dhcpd), through the commands, and `down` after the server was killed
+# Scenario 4 (ISC dhcpd, a UEFI machine), through the commands, and `down` after the server was killed
 # ---------------------------------------------------------------------------
 
 
 def test_the_same_boot_through_isc_dhcpd(tmp_path: Path, kernel_deb: Path) -> None:
-    need_lab("isc")
+    """ISC dhcpd's classes on the UEFI path: architecture 7 -> ipxe.efi, then iPXE -> boot.ipxe
+    (a BIOS machine's iPXE ROM only ever meets the second)."""
+    need_lab("isc", uefi=True)
     directory = tmp_path / "lab"
     up = qrm(
         "lab", "up", "--vms", "1", "--dhcp", "isc", "--cpus", str(CPUS), "--memory", str(MEMORY_MB),
-        "--port", "0", "--kernel-deb", str(kernel_deb), "--dir", str(directory),
+        "--firmware", "uefi", "--port", "0", "--kernel-deb", str(kernel_deb), "--dir", str(directory),
     )  # fmt: skip
     lab = Lab(directory)
     state = lab.read_state()
@@ -367,19 +375,27 @@ def test_the_same_boot_through_isc_dhcpd(tmp_path: Path, kernel_deb: Path) -> No
         assert f"password {state.password}" in up.stdout
         watch = Watch(lab)
         ((name, spec),) = state.vms.items()
+        assert spec.firmware == "uefi"
         row = watch.until(
             "the machine idle",
             lambda: (r := watch.resources().get(spec.mac)) and r.state == "idle" and r,
-            120,
+            UEFI_BOOT_TIMEOUT,
         )
         assert (row.cpus, row.memory_mb) == (CPUS, MEMORY_MB)
-        timing("power-on -> idle (ISC dhcpd)", utc(row.state_changed_at) - state.powered_on[name])
+        timing("power-on -> idle (ISC dhcpd, UEFI)", utc(row.state_changed_at) - state.powered_on[name])
         dhcp_log = (lab.data_dir / "dhcpd" / "dhcpd.log").read_text(errors="replace")
         assert f"DHCPACK on {row.ip} to {spec.mac}" in dhcp_log
         assert not (lab.data_dir / "dhcpd" / "kea-dhcp4.json").exists()
+        # The firmware's DHCP got ipxe.efi (option 93), iPXE's got boot.ipxe (user class iPXE).
+        assert "NBP filename is ipxe.efi" in watch.console(name)
+        efi = tftp_request_time(lab, row.ip, state.powered_on[name], "ipxe.efi")
+        script = tftp_request_time(lab, row.ip, state.powered_on[name])
+        assert efi is not None and script is not None and efi < script
         status = qrm("lab", "status", "-o", "json", "--dir", str(directory))
         shown = json.loads(status.stdout)
         assert shown["machines"][0]["state"] == "idle" and shown["machines"][0]["power"] == "on"
+        assert shown["machines"][0]["firmware"] == "uefi"
+        assert lab.vars_path(name).is_file()
         # The newcomer's flow, literally: eval "$(qrm lab env)"; qrm resource list; qrm lab console vm1.
         exported = qrm("lab", "env", "--dir", str(directory)).stdout
         env = {k: v for k, v in os.environ.items() if not k.startswith("QRM_")}
@@ -405,8 +421,85 @@ def test_the_same_boot_through_isc_dhcpd(tmp_path: Path, kernel_deb: Path) -> No
     assert state is not None
     assert_gone(state)
     assert not any(procs.alive(p) for p in dhcpd)  # (a zombie until init reaps it is gone)
+    assert not any(lab.vars_path(name).exists() for name in state.vms)  # the UEFI variables
     again = qrm("lab", "down", "--dir", str(directory))
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+# ---------------------------------------------------------------------------
+# Scenario 5: a UEFI machine (OVMF), Kea
+# ---------------------------------------------------------------------------
+
+
+def test_a_uefi_machine_boots_ipxe_efi_registers_idle_and_reboots_into_a_ve(
+    tmp_path: Path, kernel_deb: Path
+) -> None:
+    """OVMF's own PXE client (the NIC has no iPXE ROM, as on a real UEFI server): DHCP with client
+    architecture 7 -> ``ipxe.efi`` over TFTP -> iPXE's DHCP (user class iPXE) -> ``boot.ipxe`` ->
+    the per-MAC script -> the kernel through its EFI stub -> the node agent registers idle. Then
+    a reboot at qrm's order takes the same way into a VE."""
+    need_lab("kea", uefi=True)
+    with lab_up(tmp_path / "lab", vms=1, dhcp="kea", kernel_deb=kernel_deb, firmware="uefi") as lab:
+        watch = Watch(lab)
+        state = watch.state
+        ((name, spec),) = state.vms.items()
+        on = state.powered_on[name]
+        assert spec.firmware == "uefi"
+        # OVMF's code read-only; its variables in the machine's own copy, in the lab's directory.
+        variables = lab.vars_path(name)
+        argv = Path(f"/proc/{state.vm_procs[name].pid}/cmdline").read_bytes().decode().split("\0")
+        code, _ = qemu.require_ovmf()
+        assert f"if=pflash,format=raw,unit=0,readonly=on,file={code}" in argv
+        assert f"if=pflash,format=raw,unit=1,file={variables}" in argv
+        assert variables.is_file() and variables.parent.parent.parent == lab.dir
+
+        row = watch.until(
+            "the UEFI machine idle",
+            lambda: (r := watch.resources().get(spec.mac)) and r.state == "idle" and r,
+            UEFI_BOOT_TIMEOUT,
+        )
+        assert (row.mac, row.cpus, row.memory_mb, row.kind) == (spec.mac, CPUS, MEMORY_MB, "physical")
+        assert row.ip and row.ip.startswith("10.77.0.") and 100 <= int(row.ip.rsplit(".", 1)[1]) <= 199
+        timing("power-on -> idle (UEFI, OVMF)", utc(row.state_changed_at) - on)
+        console = watch.until(
+            "the console", lambda: registrations(c := watch.console(name), spec.mac, "idle") and c, 10
+        )
+        assert registrations(console, spec.mac, "idle") == 1 and "Kernel panic" not in console
+        # OVMF's DHCP asked as architecture 7 and was given ipxe.efi (qrm-dhcpd's qrm-pxe-efi64 class)...
+        assert "NBP filename is ipxe.efi" in console and "NBP file downloaded successfully" in console
+        # ...which qrm-tftpd served whole (after the firmware's size probe)...
+        log = (lab.data_dir / "logs" / "qrm.log").read_text(errors="replace")
+        assert re.search(rf"tftp: {re.escape(row.ip)}:\d+ ipxe\.efi: done in", log), log[-3000:]
+        assert "undionly.kpxe" not in log
+        # ...then iPXE's own DHCP (user class iPXE) got boot.ipxe, and the per-MAC script booted the
+        # kernel through its EFI stub, which took the initrd from iPXE by `initrd=initrd`.
+        efi = tftp_request_time(lab, row.ip, on, "ipxe.efi")
+        script = tftp_request_time(lab, row.ip, on)
+        assert efi is not None and script is not None and on < efi < script
+        assert "Filename: boot.ipxe" in console and f"qrm: {spec.mac} boots idle" in console
+        assert "EFI stub: Loaded initrd from command line option" in console
+        assert "efi: EFI v" in console and "loaded module virtio_net" in console
+        timing("UEFI: power-on -> ipxe.efi requested (OVMF, its DHCP)", efi - on)
+        timing("UEFI: power-on -> boot.ipxe requested (ipxe.efi, its DHCP)", script - on)
+
+        # qrm orders a reboot: the machine resets into OVMF, PXE-boots again, and comes up in the VE.
+        started = time.time()
+        with lab.client(state) as client:
+            assert client.ve_start(netlab.VE).desired_state == "running"
+        ve = watch.until(
+            "the VE running", lambda: (v := watch.ve()).state == "running" and v, UEFI_BOOT_TIMEOUT
+        )
+        assert ve.resources == [spec.mac]
+        active = watch.resources()[spec.mac]
+        assert active.state == "active" and active.ve == netlab.VE
+        timing("VE start -> active (UEFI)", utc(active.state_changed_at) - started)
+        console = watch.until(
+            "the VE's line", lambda: "qrm-lab-ve: web started" in (c := watch.console(name)) and c, 15
+        )
+        assert registrations(console, spec.mac, "ve") == 1
+        assert console.count("NBP filename is ipxe.efi") == 2
+        assert http_get_in_lab(state, active.ip).startswith("qrm-lab-ve: web started")
+    assert not variables.exists(), "qrm lab down left the machine's UEFI variables"
 
 
 # ---------------------------------------------------------------------------
@@ -457,6 +550,8 @@ def test_down_cleans_up_after_up_was_killed(tmp_path: Path, kernel_deb: Path) ->
         (["up", "--dhcp", "dnsmasq"], "--dhcp 'dnsmasq': use kea or isc"),
         (["up", "--memory", "64"], "--memory 64: give 192 to 16384 MB per machine"),
         (["up", "--cpus", "0"], "--cpus 0: give 1 to 16 CPUs per machine"),
+        (["up", "--firmware", "coreboot"], "--firmware 'coreboot': use bios or uefi"),
+        (["up", "--vms", "2", "--firmware", "uefi,bios,uefi"], "give one firmware, or one per machine (2)"),
         (["vm", "kill", "vm1"], "no lab in"),
         (["console", "vm1"], "no lab in"),
         (["env"], "no lab in"),

@@ -65,6 +65,13 @@ def register(lab_app: typer.Typer) -> None:
         heartbeat_timeout: Annotated[
             float, typer.Option("--heartbeat-timeout", help="seconds of silence before a machine is in error")
         ] = netlab.DEFAULT_HEARTBEAT_TIMEOUT,
+        firmware: Annotated[
+            str,
+            typer.Option(
+                "--firmware",
+                help="bios (SeaBIOS) or uefi (OVMF) for every machine, or one per machine: bios,uefi",
+            ),
+        ] = "bios",
         directory: DirOpt = DEFAULT_DIR,
     ) -> None:
         """Start the lab: a namespace with qrm server, DHCP, TFTP and N QEMU machines that PXE-boot."""
@@ -80,6 +87,7 @@ def register(lab_app: typer.Typer) -> None:
             kernel_deb=kernel_deb,
             kernel_version=kernel_version,
             heartbeat_timeout=heartbeat_timeout,
+            firmware=firmware,
         )
         say(
             f"lab up in {lab.dir}: {len(state.vms)} machine(s) booting from the network "
@@ -144,6 +152,7 @@ def register(lab_app: typer.Typer) -> None:
                 ("MAC", lambda m: m["mac"]),
                 ("CPUS", lambda m: m["cpus"]),
                 ("MEMORY MB", lambda m: m["memory_mb"]),
+                ("FIRMWARE", lambda m: m.get("firmware", "bios")),
                 ("POWER", lambda m: m["power"]),
                 ("RESOURCE", lambda m: m["resource"]),
                 ("STATE", lambda m: m["state"]),

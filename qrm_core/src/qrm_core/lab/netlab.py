@@ -11,7 +11,7 @@ One network namespace (``qrmlab-<pid>``) holds the whole data center:
   ``qrm-dhcpd`` managing Kea or ISC dhcpd on ``br0`` and ``qrm-tftpd`` on
   UDP 69 - configured only through their ``QRM_DHCPD_*`` / ``QRM_TFTPD_*``
   settings (core never imports a plugin);
-* N QEMU machines (:mod:`qrm_core.lab.qemu`) on taps of the bridge that
+* N QEMU machines (:mod:`qrm_core.lab.qemu`, SeaBIOS or OVMF) on taps of the bridge that
   PXE-boot into qrm;
 * the helper (:mod:`qrm_core.lab.helper`), which answers IPv6 router
   solicitations (iPXE otherwise waits 16 s) and forwards ``127.0.0.1:PORT`` in
@@ -197,10 +197,16 @@ def check_root() -> None:
         )
 
 
-def check_tools(dhcp: str) -> None:
-    """One line naming every Debian package the lab misses."""
+def check_tools(dhcp: str, *, uefi: bool = False) -> None:
+    """One line naming every Debian package the lab misses (OVMF only when a machine boots UEFI)."""
     wanted = [*TOOLS, DHCP_TOOLS[dhcp]]
     absent = sorted({package for tool, package in wanted if not _have(tool)})
+    if uefi:
+        if qemu.find_ovmf() is None:
+            absent.append(qemu.OVMF_PACKAGE)
+        if not qemu.IPXE_EFI.is_file():
+            absent.append("ipxe")
+        absent.sort()
     if absent:
         raise InvalidInput(
             f"qrm lab needs {', '.join(absent)}: apt-get install "
@@ -228,7 +234,10 @@ def check_plugins_usable(plugins: Any) -> None:
             raise PluginError(f"qrm lab needs the plugin {dist}, which is {record.status}: {why}")
 
 
-def check_options(*, vms: int, dhcp: str, cpus: int, memory_mb: int, port: int) -> None:
+def check_options(
+    *, vms: int, dhcp: str, cpus: int, memory_mb: int, port: int, firmware: str = "bios"
+) -> list[str]:
+    """Checks the options; returns each machine's firmware."""
     if dhcp not in DHCP_BACKENDS:
         raise InvalidInput(f"--dhcp {dhcp!r}: use kea or isc")
     if not 0 <= vms <= qemu.MAX_VMS:
@@ -236,6 +245,7 @@ def check_options(*, vms: int, dhcp: str, cpus: int, memory_mb: int, port: int) 
     qemu.check_sizes(cpus, memory_mb)
     if not 0 <= port <= 65535:
         raise InvalidInput(f"--port {port} is out of range")
+    return qemu.firmware_list(firmware, vms)
 
 
 # ---------------------------------------------------------------------------
@@ -548,13 +558,19 @@ class Lab:
         kernel_version: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        firmware: str = "bios",
     ) -> LabState:
-        """Create the namespace, prepare the database, start the server, the helper and ``vms`` machines."""
-        check_options(vms=vms, dhcp=dhcp, cpus=cpus, memory_mb=memory_mb, port=port)
+        """Create the namespace, prepare the database, start the server, the helper and ``vms`` machines.
+
+        ``firmware``: ``bios`` (SeaBIOS) or ``uefi`` (OVMF) for every machine, or a comma-separated
+        list with one per machine (``bios,uefi``)."""
+        firmwares = check_options(
+            vms=vms, dhcp=dhcp, cpus=cpus, memory_mb=memory_mb, port=port, firmware=firmware
+        )
         if not 0.5 <= heartbeat_interval <= 60 or heartbeat_timeout < 3 * heartbeat_interval:
             raise InvalidInput("the heartbeat timeout must be at least three heartbeat intervals")
         check_root()
-        check_tools(dhcp)
+        check_tools(dhcp, uefi="uefi" in firmwares)
         check_plugins_installed()
         if kernel_deb is not None and not kernel_deb.is_file():
             raise InvalidInput(f"--kernel-deb {kernel_deb}: no such file")
@@ -586,10 +602,10 @@ class Lab:
                 listener.close()
                 self._start_server(state)
                 for index in range(1, vms + 1):
-                    spec = qemu.vm_spec(index, cpus=cpus, memory_mb=memory_mb)
+                    spec = qemu.vm_spec(index, cpus=cpus, memory_mb=memory_mb, firmware=firmwares[index - 1])
                     state.vms[spec.name] = spec
                     self._add_tap(state, spec)
-                    self._power_on(state, spec)
+                    self._power_on(state, spec, fresh=True)
                 state.status = "up"
                 state.processes.pop("up", None)
                 self._write_state(state)
@@ -816,10 +832,18 @@ class Lab:
         except httpx.HTTPError:
             return False
 
-    def _power_on(self, state: LabState, spec: qemu.VmSpec) -> None:
+    def vars_path(self, name: str) -> Path:
+        """A UEFI machine's variable store (its NVRAM): kept from power-on to power-on, removed by ``down``."""
+        return self.vm_dir(name) / qemu.VARS_FILE
+
+    def _power_on(self, state: LabState, spec: qemu.VmSpec, *, fresh: bool = False) -> None:
+        """Start the machine's QEMU; ``fresh``: a UEFI machine starts with empty variables (``up``)."""
         directory = self.vm_dir(spec.name)
         directory.mkdir(parents=True, exist_ok=True)
-        argv = [IP, "netns", "exec", state.netns, *qemu.qemu_argv(spec, directory / "console.log")]
+        variables = None
+        if spec.firmware == "uefi":
+            variables = qemu.make_vars(self.vars_path(spec.name), fresh=fresh)
+        argv = [IP, "netns", "exec", state.netns, *qemu.qemu_argv(spec, directory / "console.log", variables)]
         state.powered_on[spec.name] = time.time()
         state.vm_procs[spec.name] = self._spawn(state, spec.name, argv, directory / "qemu.log")
         self._write_state(state)
@@ -827,7 +851,10 @@ class Lab:
         if not procs.alive(state.vm_procs[spec.name]):
             self._reap()
             raise DriverError(f"QEMU for {spec.name} exited at start: {_tail(directory / 'qemu.log')}")
-        self.progress(f"{spec.name} powered on ({spec.mac}, {spec.cpus} CPU, {spec.memory_mb} MB)")
+        self.progress(
+            f"{spec.name} powered on ({spec.mac}, {spec.cpus} CPU, {spec.memory_mb} MB, "
+            f"{'UEFI (OVMF)' if spec.firmware == 'uefi' else 'BIOS'})"
+        )
 
     # -- down ------------------------------------------------------------
 
@@ -857,6 +884,9 @@ class Lab:
             done.append(f"deleted network namespace {state.netns}")
         for directory in state.extra_dirs:
             shutil.rmtree(directory, ignore_errors=True)
+        for name in state.vms:
+            with contextlib.suppress(FileNotFoundError):
+                self.vars_path(name).unlink()
         self._reap()
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
@@ -959,6 +989,7 @@ class Lab:
                     "mac": spec.mac,
                     "cpus": spec.cpus,
                     "memory_mb": spec.memory_mb,
+                    "firmware": spec.firmware,
                     "power": "on" if running else "off",
                     "pid": proc.pid if running and proc else None,
                     "resource": res.id if res else None,
