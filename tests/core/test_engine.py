@@ -1,5 +1,10 @@
 """The engine through the services: placement, boot generations, failover, stop."""
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from enginekit import Site
 from sqlmodel import select
@@ -334,12 +339,11 @@ def test_a_rebooting_machine_gets_the_boot_timeout(site, qrm_ctx) -> None:
     assert any("did not come back from the reboot" in m for m in events)
 
 
-def _blocking_export(monkeypatch):
-    """The fake driver's export, held until the test lets it go (the real
-    driver call runs; only its timing is controlled, so the engine's
-    transaction scope can be observed)."""
-    import threading
-
+@contextmanager
+def _export_held(site, monkeypatch) -> Iterator[None]:
+    """A reconcile pass in a thread of its own, held inside its first storage
+    export (the fake driver's real call, only its timing controlled) until
+    the block ends, so the engine's transaction scope can be observed."""
     from qrm_core.drivers.fake import FakeStorage
 
     entered, release = threading.Event(), threading.Event()
@@ -351,57 +355,47 @@ def _blocking_export(monkeypatch):
         return real(self, storage_target, location, client)
 
     monkeypatch.setattr(FakeStorage, "export_volume", export_volume)
-    return entered, release
+    tick = threading.Thread(target=site.reconciler.tick)
+    tick.start()
+    try:
+        assert entered.wait(30), "the engine did not export"
+        yield
+    finally:
+        release.set()
+        tick.join(60)
+
+
+def _exported_to(site, qrm_ctx) -> list[tuple[str, ...]]:
+    fake = site.plugins.storage_driver("fake")
+    target = storage.target(storage.get_storage_row(qrm_ctx, "st"))
+    return [v.exported_to for v in fake.list_volumes(target)]
 
 
 def test_storage_driver_calls_hold_no_database_lock(site, qrm_ctx, monkeypatch) -> None:
     """While the engine waits for a storage driver (a slow NFS server), machines
     still register and heartbeat: on SQLite an open write transaction would
     stop them."""
-    import threading
-    import time
-
     a = site.add_node("52:54:00:00:00:1a")
     ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
     ves.start_ve(qrm_ctx, "web")
-    entered, release = _blocking_export(monkeypatch)
-    tick = threading.Thread(target=site.reconciler.tick)
-    tick.start()
-    try:
-        assert entered.wait(30), "the engine did not export"
+    with _export_held(site, monkeypatch):
         started = time.monotonic()
         b = site.add_node("52:54:00:00:00:1b")  # a registration: a write
         assert b.beat(site.settings, site.plugins, site.clock) == "none"  # a heartbeat
         took = time.monotonic() - started
-    finally:
-        release.set()
-        tick.join(60)
     assert took < 5, f"a registration waited {took:.1f} s for the engine's export"
-    fake = site.plugins.storage_driver("fake")
-    target = storage.target(storage.get_storage_row(qrm_ctx, "st"))
-    assert [v.exported_to for v in fake.list_volumes(target)] == [(a.ip,)]
+    assert _exported_to(site, qrm_ctx) == [(a.ip,)]
 
 
 def test_an_export_made_for_a_resource_that_left_meanwhile_is_withdrawn(site, qrm_ctx, monkeypatch) -> None:
-    import threading
-
     a = site.add_node("52:54:00:00:00:2a")
     ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
     ves.start_ve(qrm_ctx, "web")
-    entered, release = _blocking_export(monkeypatch)
-    tick = threading.Thread(target=site.reconciler.tick)
-    tick.start()
-    try:
-        assert entered.wait(30), "the engine did not export"
+    with _export_held(site, monkeypatch):
         # The VE is stopped and the machine boots idle while the export is made.
         with service_context(site.settings, plugins=site.plugins) as ctx:
             ves.stop_ve(ctx, "web")
         a.boot(site.settings, site.plugins, site.clock)
         assert a.mode == "idle"
-    finally:
-        release.set()
-        tick.join(60)
     assert _res(site.settings, site.plugins, a.mac).state == "idle"
-    fake = site.plugins.storage_driver("fake")
-    target = storage.target(storage.get_storage_row(qrm_ctx, "st"))
-    assert [v.exported_to for v in fake.list_volumes(target)] == [()]
+    assert _exported_to(site, qrm_ctx) == [()]

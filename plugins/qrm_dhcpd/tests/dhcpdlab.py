@@ -12,7 +12,9 @@ import itertools
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +296,37 @@ def parse_reply(frame: bytes) -> Reply | None:
         file=bootp[108:236].split(b"\x00", 1)[0].decode(errors="replace"),
         options=options,
     )
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+class Threads:
+    """Calls in threads of their own; their answers and errors by key."""
+
+    def __init__(self, timeout: float = 90.0) -> None:
+        self.timeout = timeout
+        self.threads: list[threading.Thread] = []
+        self.answers: dict[Any, Any] = {}
+        self.errors: dict[Any, BaseException] = {}
+
+    def start(self, key: Any, call: Callable[[], Any]) -> None:
+        def body() -> None:
+            try:
+                self.answers[key] = call()
+            except BaseException as exc:
+                self.errors[key] = exc
+
+        thread = threading.Thread(target=body, name=f"call-{key}")
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(self.timeout)
+            assert not thread.is_alive(), f"{thread.name} did not return"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
+from dhcpdlab import Threads, wait_until
 
 from qrm_core.errors import PluginError
 from qrm_dhcpd.coalesce import RewriteCoordinator, coordinator_for
@@ -21,39 +20,7 @@ from qrm_dhcpd.coalesce import RewriteCoordinator, coordinator_for
 DEADLINE = 60.0
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-class Callers:
-    """Threads that each call the coordinator once; their answers and errors by index."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.answers: dict[int, Any] = {}
-        self.errors: dict[int, BaseException] = {}
-
-    def start(self, index: int, call: Callable[[], Any]) -> None:
-        def body() -> None:
-            try:
-                self.answers[index] = call()
-            except BaseException as exc:
-                self.errors[index] = exc
-
-        thread = threading.Thread(target=body, name=f"caller-{index}")
-        thread.start()
-        self.threads.append(thread)
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(DEADLINE)
-            assert not thread.is_alive(), f"{thread.name} did not return"
-
-
-def hold(coordinator: RewriteCoordinator, callers: Callers) -> threading.Event:
+def hold(coordinator: RewriteCoordinator, callers: Threads) -> threading.Event:
     """Start a rewrite that runs until the returned event is set."""
     release = threading.Event()
     callers.start(-1, lambda: coordinator.run(lambda: release.wait(DEADLINE), share=False))
@@ -63,7 +30,7 @@ def hold(coordinator: RewriteCoordinator, callers: Callers) -> threading.Event:
 
 def test_changes_during_a_rewrite_share_the_next_one() -> None:
     coordinator = RewriteCoordinator("test")
-    callers = Callers()
+    callers = Threads(DEADLINE)
     release = hold(coordinator, callers)
     runs = itertools.count()
     for i in range(25):
@@ -93,7 +60,7 @@ def test_a_caller_is_served_by_a_rewrite_that_started_after_its_call() -> None:
         begun[i] = next(clock)
         return coordinator.run(rewrite)
 
-    callers = Callers()
+    callers = Threads(DEADLINE)
     barrier = threading.Barrier(40)
     for i in range(40):
         callers.start(i, lambda i=i: (barrier.wait(DEADLINE), change(i))[1])  # type: ignore[misc]
@@ -107,7 +74,7 @@ def test_a_caller_is_served_by_a_rewrite_that_started_after_its_call() -> None:
 
 def test_the_error_of_a_shared_rewrite_reaches_every_caller() -> None:
     coordinator = RewriteCoordinator("test")
-    callers = Callers()
+    callers = Threads(DEADLINE)
     release = hold(coordinator, callers)
 
     def failing() -> None:
@@ -128,7 +95,7 @@ def test_the_error_of_a_shared_rewrite_reaches_every_caller() -> None:
 
 def test_without_sharing_every_caller_gets_its_own_rewrite_in_turn() -> None:
     coordinator = RewriteCoordinator("test")
-    callers = Callers()
+    callers = Threads(DEADLINE)
     release = hold(coordinator, callers)
     active = []
 

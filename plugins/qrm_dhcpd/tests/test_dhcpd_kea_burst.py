@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from dhcpdlab import error_events
+from dhcpdlab import Threads, error_events, wait_until
 from sqlmodel import select
 
 import qrm_dhcpd.plugin
@@ -100,38 +99,6 @@ def file_reservations(server: ManagedDhcpServer) -> dict[str, dict[str, str]]:
     return reservations(json.loads(server.backend.paths.config.read_text()))
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-class Threads:
-    """Calls in threads of their own; answers and errors by key."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.answers: dict[str, Any] = {}
-        self.errors: dict[str, BaseException] = {}
-
-    def start(self, key: str, call: Callable[[], Any]) -> None:
-        def body() -> None:
-            try:
-                self.answers[key] = call()
-            except BaseException as exc:
-                self.errors[key] = exc
-
-        thread = threading.Thread(target=body, name=key)
-        thread.start()
-        self.threads.append(thread)
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(DEADLINE)
-            assert not thread.is_alive(), f"{thread.name} did not return"
-
-
 @contextmanager
 def kea_paused(server: ManagedDhcpServer) -> Iterator[None]:
     """Kea stopped (SIGSTOP to its PID) for the block; it resumes afterwards whatever happens."""
@@ -192,7 +159,7 @@ def test_a_burst_shares_one_rewrite(
     coordinator = backend(qrm_settings).coordinator
     sets, rewrites = kea_commands(kea_server, "config-set"), coordinator.rewrites
     first = insert(qrm_settings, node(0))
-    threads = Threads()
+    threads = Threads(DEADLINE)
     barrier = threading.Barrier(BURST)
     nodes = [node(i) for i in range(1, BURST + 1)]
     # one of the burst claims the first one's address: only it is told so
@@ -245,7 +212,7 @@ def test_changes_at_once_never_leave_a_reservation_out(
     coordinator = backend(qrm_settings).coordinator
     sets, rewrites = kea_commands(kea_server, "config-set"), coordinator.rewrites
     barrier = threading.Barrier(BURST)
-    threads = Threads()
+    threads = Threads(DEADLINE)
     nodes = [node(i) for i in range(BURST)]
 
     def register(n: Node) -> ChangeReport:
@@ -279,7 +246,7 @@ def test_a_rejected_shared_rewrite_fails_every_change_it_covered(
     sets, tests_ = kea_commands(kea_server, "config-set"), kea_commands(kea_server, "config-test")
     first = insert(qrm_settings, node(0))
     good = backend(qrm_settings)
-    threads = Threads()
+    threads = Threads(DEADLINE)
     count = 8
 
     def register(n: Node) -> None:
@@ -329,7 +296,7 @@ def test_kea_down_a_burst_shares_one_file_rewrite(
     kea_server.stop()
     coordinator = backend(qrm_settings).coordinator
     rewrites = coordinator.rewrites
-    threads = Threads()
+    threads = Threads(DEADLINE)
     release = threading.Event()
     # Kea cannot be paused here, so a rewrite is held open through the coordinator itself
     threads.start("held", lambda: coordinator.run(lambda: release.wait(DEADLINE), share=False))
@@ -352,7 +319,7 @@ def test_kea_down_a_burst_shares_one_file_rewrite(
     before = kea_server.backend.paths.config.read_text()
     monkeypatch.setenv("QRM_DHCPD_KEA_DHCP4", "/bin/false")
     release = threading.Event()
-    threads = Threads()
+    threads = Threads(DEADLINE)
     threads.start("held", lambda: coordinator.run(lambda: release.wait(DEADLINE), share=False))
     wait_until(lambda: coordinator.busy, "the held rewrite")
     more = [insert(qrm_settings, node(i)) for i in range(21, 31)]
