@@ -26,6 +26,7 @@ from qrm_core.models import Resource, ResourceState, VEState
 from qrm_core.services import agent, boot, boot_build, boot_images, site, storage
 from qrm_core.services import virtual_environments as ves
 from qrm_core.testing import missing
+from qrm_core.testkit import qemu_direct_boot
 from qrm_ramdisk.driver import RamdiskStorage
 
 SERVER_IP = "10.231.2.1"
@@ -58,7 +59,7 @@ def lab(tmp_path: Path):
         netns.ip("tuntap", "add", "dev", "tap0", "mode", "tap")
         netns.ip("link", "set", "tap0", "master", "br0")
         netns.ip("link", "set", "tap0", "up")
-        udhcpd = Udhcpd(netns, "br0", tmp_path / "dhcp", ("10.231.2.100", "10.231.2.150"), {MAC: VM_IP})
+        udhcpd = Udhcpd(netns, "br0", tmp_path / "dhcp", "10.231.2.100", "10.231.2.150", static={MAC: VM_IP})
         server = QrmServerProcess(netns, SERVER_IP, 8080, tmp_path)
         yield netns, server
     finally:
@@ -116,32 +117,7 @@ def test_a_vm_boots_its_ve_from_a_ramdisk_volume(lab, tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     with open(log, "wb") as console:
         vm = netns.popen(
-            [
-                "qemu-system-x86_64",
-                "-accel",
-                "tcg",
-                "-m",
-                "256",
-                "-smp",
-                "2",
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-kernel",
-                str(config.kernel_path),
-                "-initrd",
-                str(config.initrd_path),
-                "-append",
-                config.cmdline,
-                "-netdev",
-                "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device",
-                f"virtio-net-pci,netdev=n0,mac={MAC}",
-            ],
+            qemu_direct_boot(config.kernel_path, config.initrd_path, config.cmdline, MAC),
             stdout=console,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

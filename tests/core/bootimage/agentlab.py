@@ -6,9 +6,8 @@ addresses live only there, processes started there are tracked by PID and
 stopped by PID (or by the process group the test created), and the
 namespaces are deleted afterwards.
 
-* :class:`QrmServerProcess` runs the real ``qrm server`` (a subprocess in a
-  namespace, on a private SQLite database); tests read and change qrm's state
-  through the services on the same database.
+* Namespaces, udhcpd and the real ``qrm server`` come from
+  :mod:`qrm_core.testkit` (shared with the plugins' boot tests).
 * :class:`AgentPeer` is a protocol peer that can answer wrongly on purpose
   (malformed JSON, wrong types, unknown commands): the real server never
   does, and the agent must survive a broken or hostile answer. It checks the
@@ -18,14 +17,12 @@ namespaces are deleted afterwards.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,33 +31,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-CLONE_NEWNET = 0x40000000
-#: iproute2's ip, found once: a test's own PATH may put busybox's ip (no "netns") first.
-IP = shutil.which("ip") or "/sbin/ip"
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=60)
-
-
-def stop_process(proc: subprocess.Popen[Any] | None, *, group: bool = False, timeout: float = 5) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``: by PID (or by the process group we created)."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        if group:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.terminate()
-        proc.wait(timeout=timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            if group:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-        proc.wait(timeout=timeout)
+# The namespace, DHCP and server helpers are shared with the plugins' tests; the
+# tests here import them from this module as before.
+from qrm_core.testkit import IP, Netns, QrmServerProcess, Udhcpd, run, stop_process  # noqa: F401
 
 
 def kill_pidfile(path: Path) -> None:
@@ -81,73 +54,6 @@ def kill_pidfile(path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-class Netns:
-    """A network namespace owned by a test (unique name with the PID)."""
-
-    def __init__(self, tag: str) -> None:
-        self.name = f"qrm{tag}{os.getpid()}"[:15]
-        run("ip", "netns", "add", self.name)
-        self.ip("link", "set", "lo", "up")
-
-    def ip(self, *args: str) -> str:
-        return run("ip", "-n", self.name, *args).stdout
-
-    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen([IP, "netns", "exec", self.name, *args], **kwargs)
-
-    def listen(self, address: str, port: int) -> socket.socket:
-        """A TCP socket listening inside this namespace (created from a thread that entered it)."""
-        result: dict[str, Any] = {}
-
-        def create() -> None:
-            try:
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns failed")
-                finally:
-                    os.close(fd)
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((address, port))
-                sock.listen(64)
-                result["sock"] = sock
-            except Exception as exc:
-                result["error"] = exc
-
-        # The thread's network namespace dies with it; the socket stays where it was made.
-        thread = threading.Thread(target=create)
-        thread.start()
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["sock"]
-
-    def can_connect(self, address: str, port: int) -> bool:
-        """Whether a TCP connection to ``address:port`` inside the namespace succeeds."""
-        result: dict[str, bool] = {}
-
-        def attempt() -> None:
-            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-            try:
-                _libc.setns(fd, CLONE_NEWNET)
-            finally:
-                os.close(fd)
-            try:
-                with socket.create_connection((address, port), timeout=1):
-                    result["ok"] = True
-            except OSError:
-                result["ok"] = False
-
-        thread = threading.Thread(target=attempt)
-        thread.start()
-        thread.join()
-        return result.get("ok", False)
-
-    def delete(self) -> None:
-        run("ip", "netns", "del", self.name, check=False)
-
-
 def applet_dir(base: Path) -> Path:
     """A directory of busybox applet symlinks, so a test agent uses the same tools as the initrd."""
     directory = base / "busybox-bin"
@@ -155,34 +61,6 @@ def applet_dir(base: Path) -> Path:
         directory.mkdir(parents=True)
         run("/bin/busybox", "--install", "-s", str(directory))
     return directory
-
-
-class Udhcpd:
-    """busybox udhcpd serving a pool on one interface of a namespace."""
-
-    def __init__(
-        self, netns: Netns, interface: str, work: Path, start: str, end: str, options: tuple[str, ...] = ()
-    ) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        self.leases = work / "udhcpd.leases"
-        self.leases.touch()
-        config = work / "udhcpd.conf"
-        config.write_text(
-            f"start {start}\nend {end}\ninterface {interface}\nmax_leases 50\n"
-            f"lease_file {self.leases}\npidfile {work / 'udhcpd.pid'}\n"
-            "option subnet 255.255.255.0\noption lease 600\n" + "".join(f"option {o}\n" for o in options)
-        )
-        self.log = open(work / "udhcpd.log", "wb")
-        self.proc = netns.popen(
-            ["/bin/busybox", "udhcpd", "-f", str(config)], stdout=self.log, stderr=self.log
-        )
-        time.sleep(0.2)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"udhcpd failed: {(work / 'udhcpd.log').read_text()}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
 
 
 # ---------------------------------------------------------------------------
@@ -418,108 +296,6 @@ def peer_in(netns: Netns, address: str, port: int, enrollment_token: str) -> Ite
         yield peer
     finally:
         peer.stop()
-
-
-class QrmServerProcess:
-    """The real ``qrm server`` inside a namespace, on a private SQLite database."""
-
-    def __init__(self, netns: Netns, host: str, port: int, work: Path) -> None:
-        from qrm_core.config import Settings
-        from qrm_core.plugins import PluginSystem
-        from qrm_core.services import setup
-
-        self.netns, self.host, self.port = netns, host, port
-        self.url = f"http://{host}:{port}"
-        data = work / "qrm-data"
-        data.mkdir(parents=True, exist_ok=True)
-        values = {
-            "QRM_DATA_DIR": str(data),
-            "QRM_DATABASE_URL": f"sqlite:///{data / 'qrm.db'}",
-            "QRM_HEARTBEAT_INTERVAL": "1",
-            "QRM_HEARTBEAT_TIMEOUT": "40",
-            "QRM_SERVER_URL": self.url,
-        }
-        self.env = {
-            k: v for k, v in os.environ.items() if not k.startswith("QRM_") or k.startswith("QRM_TEST_")
-        }
-        self.env.update(values)
-        self.settings = Settings(
-            data_dir=data,
-            database_url=values["QRM_DATABASE_URL"],
-            heartbeat_interval=1.0,
-            heartbeat_timeout=40.0,
-            server_url=self.url,
-            actor="tester",
-        )
-        self.plugins = PluginSystem(self.settings, discover_plugins=False).load()
-        # A server listening beyond loopback refuses the default admin password.
-        setup.init(self.settings, admin_password="qrm-test-password", plugins=self.plugins)
-        self.log_path = work / "qrm-server.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = netns.popen(
-            [
-                sys.executable,
-                "-c",
-                "from qrm_core.cli.main import run; run()",
-                "server",
-                "--host",
-                host,
-                "--port",
-                str(port),
-            ],
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while not netns.can_connect(host, port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"qrm server did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    @contextlib.contextmanager
-    def ctx(self) -> Iterator[Any]:
-        from qrm_core.services import service_context
-
-        with service_context(self.settings, actor="tester", plugins=self.plugins) as ctx:
-            yield ctx
-
-    def enrollment_token(self) -> str:
-        from qrm_core.services import site
-
-        with self.ctx() as ctx:
-            return site.get_enrollment_token(ctx)
-
-    def resource(self, mac: str) -> Any:
-        from sqlmodel import select
-
-        from qrm_core.models import Resource
-
-        with self.ctx() as ctx:
-            return ctx.session.exec(select(Resource).where(Resource.mac == mac)).first()
-
-    def wait_resource(self, mac: str, timeout: float, what: str, predicate: Callable[[Any], bool]) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            row = self.resource(mac)
-            if row is not None and predicate(row):
-                return row
-            if self.proc.poll() is not None:
-                raise AssertionError(f"qrm server died: {self.log_path.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                state = None if row is None else (row.state, row.boot_generation)
-                raise AssertionError(f"timed out after {timeout} s waiting for {what} (resource: {state})")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        stop_process(self.proc, group=True, timeout=10)
-        self._log.close()
-        from qrm_core import db
-
-        db.dispose_engines()
 
 
 class AgentProcess:

@@ -31,6 +31,7 @@ from qrm_core.services import agent as agent_service
 from qrm_core.services import boot, boot_images, events, site, storage
 from qrm_core.services import virtual_environments as ves
 from qrm_core.testing import missing
+from qrm_core.testkit import qemu_direct_boot
 
 SERVER_IP = "10.231.1.1"
 MAC = "52:54:00:51:0e:01"
@@ -77,34 +78,15 @@ class VM:
         self._log = open(log, "wb")
         self.started = time.monotonic()
         self.proc = netns.popen(
-            [
-                "qemu-system-x86_64",
-                "-accel",
-                "tcg",
-                "-machine",
-                "pc",
-                "-m",
-                str(MEMORY_MB),
-                "-smp",
-                str(CPUS),
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-kernel",
-                str(config.kernel_path),
-                "-initrd",
-                str(config.initrd_path),
-                "-append",
+            qemu_direct_boot(
+                config.kernel_path,
+                config.initrd_path,
                 config.cmdline,
-                "-netdev",
-                "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device",
-                f"{nic},netdev=n0,mac={MAC}",
-            ],
+                MAC,
+                memory_mb=MEMORY_MB,
+                cpus=CPUS,
+                nic=nic,
+            ),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
