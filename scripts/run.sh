@@ -20,5 +20,15 @@ if [ ! -x .venv/bin/qrm ] || [ ! -f "$stamp" ] || [ -n "$(find qrm_core plugins 
   touch "$stamp"
 fi
 .venv/bin/qrm init
-echo "qrm server: http://127.0.0.1:8080 (API /api/v1, docs /docs; user qrm, password qrm). Ctrl-C stops it."
+# The address the server will listen on: the last --host/--port given wins, as in qrm server.
+host=127.0.0.1 port=8080 prev=
+for arg in "$@"; do
+  case "$prev" in --host) host=$arg ;; --port) port=$arg ;; esac
+  case "$arg" in --host=*) host=${arg#--host=} ;; --port=*) port=${arg#--port=} ;; esac
+  prev=$arg
+done
+case "$host" in *:*) shown="[$host]" ;; *) shown=$host ;; esac
+echo "qrm server: http://$shown:$port (API /api/v1, docs /docs; user qrm, password qrm unless changed). Ctrl-C stops it."
+echo "Everything (HTTP, TFTP, DHCP) serves this machine only until you change the admin password" \
+  "(qrm init --admin-password ...) and name the provisioning address (QRM_PROVISIONING_ADDRESS=...)."
 exec .venv/bin/qrm server --host 127.0.0.1 --port 8080 "$@"

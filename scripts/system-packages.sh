@@ -19,10 +19,34 @@ test_pkgs=(
   # boot images (qrm_core.bootimage): busybox-static goes into the initrd, kmod's depmod orders modules,
   # cpio checks the archive; QEMU (with ipxe-qemu's virtio-net ROM) boots it; dash checks the agent's syntax
   busybox-static kmod cpio qemu-system-x86 ipxe-qemu dash
+  # network roots: open-iscsi's iscsistart goes into the initrd; the test storage host runs
+  # nfs-ganesha, tgt and sshd in a namespace (qrm_core.testkit.StorageHost); libiscsi-bin and
+  # qemu-block-extra are second iSCSI clients from the host; lvm2 for LUNs on logical volumes
+  open-iscsi tgt openssh-server openssh-client libiscsi-bin qemu-block-extra lvm2 e2fsprogs util-linux
+  # filesystem images (issue 12): rsync captures a running machine over ssh; xfsprogs makes the
+  # loop-mounted XFS (reflink) on which copy-on-write snapshots are tested; zstd, xz-utils for archives;
+  # openssl hashes the test root password of tests/core/test_capture_password.py (openssl passwd -6)
+  rsync xfsprogs zstd xz-utils openssl
   # qrm lab and tests/integration/test_lab_e2e.py: QEMU machines PXE-booting through Kea or ISC dhcpd
   # and qrm-tftpd into the node agent (a Debian kernel package is fetched with apt-get download);
   # UEFI machines (qrm lab up --firmware uefi) run OVMF and get ipxe.efi from ipxe
   qemu-system-x86 ipxe-qemu kea-dhcp4-server isc-dhcp-server busybox-static kmod curl tftpd-hpa ovmf ipxe
+  # qrm_libvirt, qrm_qemu, qrm_xen: libvirt-python builds against libvirt-dev (no wheel exists); private
+  # libvirtds (qrm_core.lab.libvirtd) run QEMU guests for the real-QEMU tests and the lab's hypervisor
+  # host; virsh shows libvirt's own view in tests; libvirt0 (with libvirt-dev) ships the RelaxNG schemas
+  # the domain XML is validated with; libxenmisc4.17 is Xen's config parser (libxlutil) that checks the
+  # xl config files (Xen itself cannot run here); libvirt-daemon-system creates the libvirt-qemu user a
+  # root libvirtd looks up at start even when its qemu.conf runs guests as root (it starts nothing here)
+  libvirt-dev pkg-config libvirt-daemon libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 util-linux
+  libxenmisc4.17
+  # the web console's browser tests (tests/console): Playwright drives Debian's Chromium
+  chromium fonts-dejavu-core
+  # qrm_vmware: its tests build vcsim (the vSphere API simulator) offline from Debian's govmomi
+  # simulator sources with the Go compiler (plugins/qrm_vmware/tests/vcsim/vcsimbuild.py)
+  golang-go golang-github-vmware-govmomi-dev
+  # qrm_nagios: a private Nagios 4 (nagios4 -v checks every configuration) and the plugins it runs
+  nagios4-core monitoring-plugins-basic
 )
 case "$what" in
   run) pkgs=("${run_pkgs[@]}") ;;

@@ -4,68 +4,53 @@ shapes, so every command prints the same either way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
-
-from pydantic import BaseModel
+from typing import Any, Protocol, TypeVar
 
 from qrm_core.config import Settings
+from qrm_core.errors import InvalidInput, ServerUnavailable, error_for_code
 from qrm_core.models import (
     ApiTokenCreated,
     ApiTokenPublic,
     BootImagePublic,
     EventPublic,
     FilesystemImagePublic,
+    ImageSnapshotPublic,
+    InitPublic,
+    PartitionDetail,
     PartitionPublic,
+    PartitionSyncPublic,
+    PluginPublic,
+    PowerStatePublic,
+    ResourceDetail,
+    ResourceListPublic,
     ResourcePublic,
     StorageServerPublic,
     UserPublic,
+    VirtualEnvironmentDetail,
     VirtualEnvironmentPublic,
 )
 from qrm_core.plugins import PluginSystem, get_plugin_system, set_plugin_system
+from qrm_core.services import (
+    agent,
+    boot_images,
+    events,
+    partitions,
+    plugin_state,
+    power,
+    resources,
+    service_context,
+    setup,
+    site,
+    tokens,
+    users,
+    virtual_environments,
+)
+from qrm_core.services import images as image_service
+from qrm_core.services import storage as storage_service
 
-
-class PluginPublic(BaseModel):
-    name: str
-    kind: str
-    distribution: str | None
-    version: str | None
-    enabled: bool
-    loaded: bool
-    status: str
-    error: str | None
-    missing: list[str]
-    description: str
-    entry_point: str
-    disabled_by: str | None = None
-
-
-class HealthPublic(BaseModel):
-    source: str
-    status: str
-    message: str
-
-
-class ResourceDetail(ResourcePublic):
-    health: list[HealthPublic] = []
-
-
-class InitPublic(BaseModel):
-    database: str
-    revision_before: str | None
-    revision: str
-    admin: str
-    admin_created: bool
-    default_password: bool
-    boot_image: str = ""
-
-
-class ResourceListPublic(BaseModel):
-    items: list[ResourcePublic]
-    total: int
-    offset: int
-    limit: int | None
+T = TypeVar("T")
 
 
 class Client(Protocol):
@@ -73,7 +58,10 @@ class Client(Protocol):
 
     def init(self, admin_password: str | None) -> InitPublic: ...
 
-    def storage_add(self, name: str, type: str, address: str, comment: str | None) -> StorageServerPublic: ...
+    def storage_add(
+        self, name: str, type: str, address: str, comment: str | None, **options: Any
+    ) -> StorageServerPublic: ...
+    def storage_set(self, name: str, **options: Any) -> StorageServerPublic: ...
     def storage_list(self) -> list[StorageServerPublic]: ...
     def storage_show(self, name: str) -> StorageServerPublic: ...
     def storage_remove(self, name: str) -> StorageServerPublic: ...
@@ -88,10 +76,40 @@ class Client(Protocol):
     def fs_image_list(self, storage: str | None) -> list[FilesystemImagePublic]: ...
     def fs_image_show(self, name: str) -> FilesystemImagePublic: ...
     def fs_image_remove(self, name: str, purge: bool) -> FilesystemImagePublic: ...
+    def fs_image_capture(
+        self, progress: Callable[[str], None] | None, **kwargs: Any
+    ) -> FilesystemImagePublic: ...
+    def fs_image_resume(
+        self,
+        name: str,
+        identity: str | None,
+        host_key: str | None,
+        progress: Callable[[str], None] | None,
+        password: str | None = None,
+    ) -> FilesystemImagePublic: ...
+    def fs_image_clone(
+        self,
+        source: str,
+        name: str,
+        storage: str | None,
+        comment: str | None,
+        progress: Callable[[str], None] | None = None,
+    ) -> FilesystemImagePublic: ...
+    def fs_image_snapshot(self, name: str, label: str | None) -> ImageSnapshotPublic: ...
+    def fs_image_snapshots(self, name: str) -> list[ImageSnapshotPublic]: ...
+    def fs_image_snapshot_remove(self, name: str, label: str) -> ImageSnapshotPublic: ...
+    def fs_image_revert(self, name: str, label: str) -> ImageSnapshotPublic: ...
+    def ve_reset(self, name: str, progress: Callable[[str], None] | None) -> VirtualEnvironmentPublic: ...
+    def fs_image_import(
+        self, progress: Callable[[str], None] | None, **kwargs: Any
+    ) -> FilesystemImagePublic: ...
 
     def ve_create(self, **kwargs: Any) -> VirtualEnvironmentPublic: ...
     def ve_list(self, state: str | None) -> list[VirtualEnvironmentPublic]: ...
-    def ve_show(self, name: str) -> VirtualEnvironmentPublic: ...
+    def ve_show(self, name: str) -> VirtualEnvironmentDetail: ...
+    def ve_set(
+        self, name: str, monitor: list[str] | None, monitor_failover: bool | None
+    ) -> VirtualEnvironmentPublic: ...
     def ve_remove(self, name: str) -> VirtualEnvironmentPublic: ...
     def ve_start(self, name: str) -> VirtualEnvironmentPublic: ...
     def ve_stop(self, name: str) -> VirtualEnvironmentPublic: ...
@@ -110,7 +128,19 @@ class Client(Protocol):
     def resource_remove(self, ref: str) -> ResourcePublic: ...
     def resource_reboot(self, ref: str) -> ResourcePublic: ...
     def resource_halt(self, ref: str) -> ResourcePublic: ...
-    def partition_list(self) -> list[PartitionPublic]: ...
+    def resource_set(self, ref: str, **kwargs: Any) -> ResourceDetail: ...
+    def resource_power(self, ref: str, action: str) -> PowerStatePublic: ...
+
+    def partition_list(self, host: str | None = None) -> list[PartitionPublic]: ...
+    def partition_add(self, **kwargs: Any) -> list[PartitionPublic]: ...
+    def partition_show(self, name: str, host: str | None) -> PartitionDetail: ...
+    def partition_action(self, name: str, host: str | None, action: str, force: bool) -> PartitionPublic: ...
+    def partition_set(
+        self, name: str, host: str | None, memory_mb: int | None, cpus: int | None, mode: str
+    ) -> PartitionPublic: ...
+    def partition_pin(self, name: str, host: str | None, pinning: str, mode: str) -> PartitionPublic: ...
+    def partition_migrate(self, name: str, host: str | None, to: str, offline: bool) -> PartitionPublic: ...
+    def partition_sync(self, host: str) -> PartitionSyncPublic: ...
     def partition_remove(self, name: str, host: str | None) -> PartitionPublic: ...
 
     def events(self, limit: int, after_id: int | None) -> list[EventPublic]: ...
@@ -120,7 +150,7 @@ class Client(Protocol):
 
     def user_add(self, name: str, password: str, role: str) -> UserPublic: ...
     def user_list(self) -> list[UserPublic]: ...
-    def user_passwd(self, name: str, password: str) -> UserPublic: ...
+    def user_passwd(self, name: str, password: str, current: str | None = None) -> UserPublic: ...
     def user_remove(self, name: str) -> UserPublic: ...
 
     def token_create(self, name: str, user: str | None) -> ApiTokenCreated: ...
@@ -128,6 +158,21 @@ class Client(Protocol):
     def token_revoke(self, token_id: int) -> ApiTokenPublic: ...
 
     def enrollment_token(self) -> str: ...
+
+
+def _ssh_change(options: dict[str, Any]) -> storage_service.SshChange:
+    return storage_service.SshChange(
+        user=options.get("ssh_user"),
+        port=options.get("ssh_port"),
+        key=options.get("ssh_key"),
+        host_key=options.get("ssh_host_key"),
+        local=bool(options.get("local", False)),
+    )
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that were given (the API's defaults stand for the others)."""
+    return {k: v for k, v in options.items() if v not in (None, (), [], {})}
 
 
 class LocalClient:
@@ -148,156 +193,179 @@ class LocalClient:
 
     @contextmanager
     def _ctx(self) -> Iterator[Any]:
-        from qrm_core.services import service_context
-
         with service_context(self.settings, actor=self.actor, plugins=self.plugins) as ctx:
             yield ctx
+
+    def _call(self, service: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one service function in its own unit of work."""
+        with self._ctx() as ctx:
+            return service(ctx, *args, **kwargs)
 
     # -- setup -----------------------------------------------------------
 
     def init(self, admin_password: str | None) -> InitPublic:
-        from qrm_core.services import setup
-
-        result = setup.init(
+        return setup.init(
             self.settings, admin_password=admin_password, actor=self.actor, plugins=self.plugins
         )
-        return InitPublic(**result.__dict__)
 
     # -- storage ---------------------------------------------------------
 
-    def storage_add(self, name: str, type: str, address: str, comment: str | None) -> StorageServerPublic:
-        from qrm_core.services import storage
+    def storage_add(
+        self, name: str, type: str, address: str, comment: str | None, **options: Any
+    ) -> StorageServerPublic:
+        """``options``: ``settings``, ``ssh_user``, ``ssh_port``, ``ssh_key`` (the key's
+        text), ``ssh_host_key``, ``check`` (as the API's body)."""
+        ssh = _ssh_change(options)
+        return self._call(
+            storage_service.add_storage,
+            name=name,
+            type=type,
+            address=address,
+            comment=comment,
+            settings=options.get("settings") or {},
+            ssh=ssh,
+            check=options.get("check", True),
+        )
 
-        with self._ctx() as ctx:
-            return storage.add_storage(ctx, name=name, type=type, address=address, comment=comment)
+    def storage_set(self, name: str, **options: Any) -> StorageServerPublic:
+        """``options``: as :meth:`storage_add`, and ``comment``, ``unset``, ``local``."""
+        return self._call(
+            storage_service.set_storage,
+            name,
+            comment=options.get("comment"),
+            settings=options.get("settings") or {},
+            unset=options.get("unset") or (),
+            ssh=_ssh_change(options),
+            check=options.get("check", True),
+        )
 
     def storage_list(self) -> list[StorageServerPublic]:
-        from qrm_core.services import storage
-
-        with self._ctx() as ctx:
-            return storage.list_storage(ctx)
+        return self._call(storage_service.list_storage)
 
     def storage_show(self, name: str) -> StorageServerPublic:
-        from qrm_core.services import storage
-
-        with self._ctx() as ctx:
-            return storage.show_storage(ctx, name)
+        return self._call(storage_service.show_storage, name)
 
     def storage_remove(self, name: str) -> StorageServerPublic:
-        from qrm_core.services import storage
-
-        with self._ctx() as ctx:
-            return storage.remove_storage(ctx, name)
+        return self._call(storage_service.remove_storage, name)
 
     # -- boot images -----------------------------------------------------
 
     def boot_image_add(self, **kwargs: Any) -> BootImagePublic:
-        from qrm_core.services import boot_images
-
-        with self._ctx() as ctx:
-            return boot_images.add_boot_image(ctx, **kwargs)
+        return self._call(boot_images.add_boot_image, **kwargs)
 
     def boot_image_list(self) -> list[BootImagePublic]:
-        from qrm_core.services import boot_images
-
-        with self._ctx() as ctx:
-            return boot_images.list_boot_images(ctx)
+        return self._call(boot_images.list_boot_images)
 
     def boot_image_show(self, name: str) -> BootImagePublic:
-        from qrm_core.services import boot_images
-
-        with self._ctx() as ctx:
-            return boot_images.show_boot_image(ctx, name)
+        return self._call(boot_images.show_boot_image, name)
 
     def boot_image_set_default(self, name: str) -> BootImagePublic:
-        from qrm_core.services import boot_images
-
-        with self._ctx() as ctx:
-            return boot_images.set_default_boot_image(ctx, name)
+        return self._call(boot_images.set_default_boot_image, name)
 
     def boot_image_remove(self, name: str) -> BootImagePublic:
-        from qrm_core.services import boot_images
-
-        with self._ctx() as ctx:
-            return boot_images.remove_boot_image(ctx, name)
+        return self._call(boot_images.remove_boot_image, name)
 
     # -- filesystem images ----------------------------------------------
 
     def fs_image_add(self, **kwargs: Any) -> FilesystemImagePublic:
-        from qrm_core.services import storage
-
-        with self._ctx() as ctx:
-            return storage.add_filesystem_image(ctx, **kwargs)
+        return self._call(storage_service.add_filesystem_image, **kwargs)
 
     def fs_image_list(self, storage: str | None) -> list[FilesystemImagePublic]:
-        from qrm_core.services import storage as svc
-
-        with self._ctx() as ctx:
-            return svc.list_filesystem_images(ctx, storage=storage)
+        return self._call(storage_service.list_filesystem_images, storage=storage)
 
     def fs_image_show(self, name: str) -> FilesystemImagePublic:
-        from qrm_core.services import storage
-
-        with self._ctx() as ctx:
-            return storage.show_filesystem_image(ctx, name)
+        return self._call(storage_service.show_filesystem_image, name)
 
     def fs_image_remove(self, name: str, purge: bool) -> FilesystemImagePublic:
-        from qrm_core.services import storage
+        return self._call(storage_service.remove_filesystem_image, name, purge=purge)
 
-        with self._ctx() as ctx:
-            return storage.remove_filesystem_image(ctx, name, purge=purge)
+    def fs_image_capture(
+        self, progress: Callable[[str], None] | None, **kwargs: Any
+    ) -> FilesystemImagePublic:
+        return self._call(image_service.capture_filesystem_image, progress=progress, **kwargs)
+
+    def fs_image_resume(
+        self,
+        name: str,
+        identity: str | None,
+        host_key: str | None,
+        progress: Callable[[str], None] | None,
+        password: str | None = None,
+    ) -> FilesystemImagePublic:
+        return self._call(
+            image_service.run_capture, name, identity=identity, host_key=host_key, progress=progress,
+            password=password,
+        )  # fmt: skip
+
+    def fs_image_clone(
+        self,
+        source: str,
+        name: str,
+        storage: str | None,
+        comment: str | None,
+        progress: Callable[[str], None] | None = None,
+    ) -> FilesystemImagePublic:
+        return self._call(
+            image_service.clone_filesystem_image,
+            source,
+            name=name,
+            storage=storage,
+            comment=comment,
+            progress=progress,
+        )
+
+    def fs_image_snapshot(self, name: str, label: str | None) -> ImageSnapshotPublic:
+        return self._call(image_service.snapshot_filesystem_image, name, label=label)
+
+    def fs_image_snapshots(self, name: str) -> list[ImageSnapshotPublic]:
+        return self._call(image_service.list_image_snapshots, name)
+
+    def fs_image_snapshot_remove(self, name: str, label: str) -> ImageSnapshotPublic:
+        return self._call(image_service.remove_image_snapshot, name, label)
+
+    def fs_image_revert(self, name: str, label: str) -> ImageSnapshotPublic:
+        return self._call(image_service.revert_filesystem_image, name, label=label)
+
+    def ve_reset(self, name: str, progress: Callable[[str], None] | None) -> VirtualEnvironmentPublic:
+        return self._call(image_service.reset_ve, name, progress=progress)
+
+    def fs_image_import(self, progress: Callable[[str], None] | None, **kwargs: Any) -> FilesystemImagePublic:
+        return self._call(image_service.import_filesystem_image, progress=progress, **kwargs)
 
     # -- virtual environments -------------------------------------------
 
     def ve_create(self, **kwargs: Any) -> VirtualEnvironmentPublic:
-        from qrm_core.services import virtual_environments as ves
-
-        with self._ctx() as ctx:
-            return ves.create_ve(ctx, **kwargs)
+        return self._call(virtual_environments.create_ve, **kwargs)
 
     def ve_list(self, state: str | None) -> list[VirtualEnvironmentPublic]:
-        from qrm_core.services import virtual_environments as ves
+        return self._call(virtual_environments.list_ves, state=state)
 
-        with self._ctx() as ctx:
-            return ves.list_ves(ctx, state=state)
+    def ve_show(self, name: str) -> VirtualEnvironmentDetail:
+        return self._call(virtual_environments.ve_detail, name)
 
-    def ve_show(self, name: str) -> VirtualEnvironmentPublic:
-        from qrm_core.services import virtual_environments as ves
-
-        with self._ctx() as ctx:
-            return ves.show_ve(ctx, name)
+    def ve_set(
+        self, name: str, monitor: list[str] | None, monitor_failover: bool | None
+    ) -> VirtualEnvironmentPublic:
+        return self._call(
+            virtual_environments.set_ve, name, monitor=monitor, monitor_failover=monitor_failover
+        )
 
     def ve_remove(self, name: str) -> VirtualEnvironmentPublic:
-        from qrm_core.services import virtual_environments as ves
-
-        with self._ctx() as ctx:
-            return ves.remove_ve(ctx, name)
+        return self._call(virtual_environments.remove_ve, name)
 
     def ve_start(self, name: str) -> VirtualEnvironmentPublic:
-        from qrm_core.services import virtual_environments as ves
-
-        with self._ctx() as ctx:
-            return ves.start_ve(ctx, name)
+        return self._call(virtual_environments.start_ve, name)
 
     def ve_stop(self, name: str) -> VirtualEnvironmentPublic:
-        from qrm_core.services import virtual_environments as ves
-
-        with self._ctx() as ctx:
-            return ves.stop_ve(ctx, name)
+        return self._call(virtual_environments.stop_ve, name)
 
     def ve_resize(self, name: str, pool_size: int) -> VirtualEnvironmentPublic:
-        from qrm_core.services import virtual_environments as ves
-
-        with self._ctx() as ctx:
-            return ves.resize_ve(ctx, name, pool_size)
+        return self._call(virtual_environments.resize_ve, name, pool_size)
 
     # -- resources -------------------------------------------------------
 
     def resource_add(self, **kwargs: Any) -> ResourcePublic:
-        from qrm_core.services import resources
-
-        with self._ctx() as ctx:
-            return resources.add_resource(ctx, **kwargs)
+        return self._call(resources.add_resource, **kwargs)
 
     def resource_list(
         self,
@@ -307,64 +375,63 @@ class LocalClient:
         offset: int = 0,
         limit: int | None = None,
     ) -> ResourceListPublic:
-        from qrm_core.services import resources
-
-        with self._ctx() as ctx:
-            page = resources.list_resources(ctx, state=state, kind=kind, ve=ve, offset=offset, limit=limit)
-            return ResourceListPublic(
-                items=page.items, total=page.total, offset=page.offset, limit=page.limit
-            )
+        return self._call(resources.list_resources, state=state, kind=kind, ve=ve, offset=offset, limit=limit)
 
     def resource_show(self, ref: str) -> ResourceDetail:
-        from qrm_core.services import resources
-
-        with self._ctx() as ctx:
-            resource = resources.show_resource(ctx, ref)
-            health = ctx.hooks.collect_health(resource, ctx.hook_ctx)
-            return ResourceDetail(
-                **resource.model_dump(),
-                health=[HealthPublic(source=h.source, status=h.status, message=h.message) for h in health],
-            )
+        return self._call(resources.resource_detail, ref)
 
     def resource_remove(self, ref: str) -> ResourcePublic:
-        from qrm_core.services import resources
-
-        with self._ctx() as ctx:
-            return resources.remove_resource(ctx, ref)
+        return self._call(resources.remove_resource, ref)
 
     def resource_reboot(self, ref: str) -> ResourcePublic:
-        from qrm_core.services import agent, resources
-
         with self._ctx() as ctx:
             agent.order_reboot(ctx, ref)
             return resources.show_resource(ctx, ref)
 
     def resource_halt(self, ref: str) -> ResourcePublic:
-        from qrm_core.services import agent, resources
-
         with self._ctx() as ctx:
             agent.order_halt(ctx, ref)
             return resources.show_resource(ctx, ref)
 
-    def partition_list(self) -> list[PartitionPublic]:
-        from qrm_core.services import partitions
+    def resource_set(self, ref: str, **kwargs: Any) -> ResourceDetail:
+        return self._call(resources.set_resource, ref, **kwargs)
 
-        with self._ctx() as ctx:
-            return partitions.list_partitions(ctx)
+    def resource_power(self, ref: str, action: str) -> PowerStatePublic:
+        return self._call(power.power, ref, action)
+
+    def partition_list(self, host: str | None = None) -> list[PartitionPublic]:
+        return self._call(partitions.list_partitions, host)
+
+    def partition_add(self, **kwargs: Any) -> list[PartitionPublic]:
+        return self._call(partitions.add_partitions, **kwargs)
+
+    def partition_show(self, name: str, host: str | None) -> PartitionDetail:
+        return self._call(partitions.show_partition, name, host)
+
+    def partition_action(self, name: str, host: str | None, action: str, force: bool) -> PartitionPublic:
+        return self._call(partitions.partition_action, name, action, host, force=force)
+
+    def partition_set(
+        self, name: str, host: str | None, memory_mb: int | None, cpus: int | None, mode: str
+    ) -> PartitionPublic:
+        return self._call(partitions.set_partition, name, host, memory_mb=memory_mb, cpus=cpus, mode=mode)
+
+    def partition_pin(self, name: str, host: str | None, pinning: str, mode: str) -> PartitionPublic:
+        return self._call(partitions.pin_partition, name, pinning, host, mode=mode)
+
+    def partition_migrate(self, name: str, host: str | None, to: str, offline: bool) -> PartitionPublic:
+        return self._call(partitions.migrate_partition, name, to, host, offline=offline)
+
+    def partition_sync(self, host: str) -> PartitionSyncPublic:
+        return self._call(partitions.sync_host, host)
 
     def partition_remove(self, name: str, host: str | None) -> PartitionPublic:
-        from qrm_core.services import partitions
-
-        with self._ctx() as ctx:
-            return partitions.remove_partition(ctx, name, host)
+        return self._call(partitions.remove_partition, name, host)
 
     # -- events ----------------------------------------------------------
 
     def events(self, limit: int, after_id: int | None) -> list[EventPublic]:
-        from qrm_core.services import events
-
-        with self._ctx() as ctx:
-            return events.list_events(ctx, limit=limit, after_id=after_id)
+        return self._call(events.list_events, limit=limit, after_id=after_id)
 
     # -- plugins ---------------------------------------------------------
 
@@ -372,8 +439,6 @@ class LocalClient:
         return [PluginPublic(**r.to_dict()) for r in self.plugins.entries(check_drivers=True)]
 
     def plugins_set_enabled(self, name: str, enabled: bool) -> bool:
-        from qrm_core.services import plugin_state
-
         with self._ctx() as ctx:
             changed = plugin_state.set_enabled(ctx, name, enabled)
         if changed:
@@ -384,54 +449,32 @@ class LocalClient:
     # -- users -----------------------------------------------------------
 
     def user_add(self, name: str, password: str, role: str) -> UserPublic:
-        from qrm_core.services import users
-
-        with self._ctx() as ctx:
-            return users.create_user(ctx, name=name, password=password, role=role)
+        return self._call(users.create_user, name=name, password=password, role=role)
 
     def user_list(self) -> list[UserPublic]:
-        from qrm_core.services import users
+        return self._call(users.list_users)
 
-        with self._ctx() as ctx:
-            return users.list_users(ctx)
-
-    def user_passwd(self, name: str, password: str) -> UserPublic:
-        from qrm_core.services import users
-
-        with self._ctx() as ctx:
-            return users.set_password(ctx, name=name, password=password)
+    def user_passwd(self, name: str, password: str, current: str | None = None) -> UserPublic:
+        # The local CLI works on the database itself: whoever runs it could
+        # as well run 'qrm init --admin-password'; no current password needed.
+        return self._call(users.set_password, name=name, password=password)
 
     def user_remove(self, name: str) -> UserPublic:
-        from qrm_core.services import users
-
-        with self._ctx() as ctx:
-            return users.remove_user(ctx, name)
+        return self._call(users.remove_user, name)
 
     # -- API tokens (the local operator is trusted with every user's, as for users) --
 
     def token_create(self, name: str, user: str | None) -> ApiTokenCreated:
-        from qrm_core.services import tokens
-
-        with self._ctx() as ctx:
-            return tokens.create_token(ctx, name=name, user=user, admin=True)
+        return self._call(tokens.create_token, name=name, user=user, admin=True)
 
     def token_list(self, user: str | None, all_users: bool) -> list[ApiTokenPublic]:
-        from qrm_core.services import tokens
-
-        with self._ctx() as ctx:
-            return tokens.list_tokens(ctx, user=user, all_users=all_users, admin=True)
+        return self._call(tokens.list_tokens, user=user, all_users=all_users, admin=True)
 
     def token_revoke(self, token_id: int) -> ApiTokenPublic:
-        from qrm_core.services import tokens
-
-        with self._ctx() as ctx:
-            return tokens.revoke_token(ctx, token_id, admin=True)
+        return self._call(tokens.revoke_token, token_id, admin=True)
 
     def enrollment_token(self) -> str:
-        from qrm_core.services import site
-
-        with self._ctx() as ctx:
-            return site.get_enrollment_token(ctx)
+        return self._call(site.get_enrollment_token)
 
 
 class RemoteClient:
@@ -448,8 +491,6 @@ class RemoteClient:
     ) -> None:
         import httpx
 
-        from qrm_core.errors import InvalidInput
-
         if not server.startswith(("http://", "https://")):
             raise InvalidInput(f"--server must be an http:// or https:// URL, not {server!r}")
         auth: Any = None
@@ -459,6 +500,7 @@ class RemoteClient:
         elif user is not None:
             auth = httpx.BasicAuth(user, password or "")
         self.server = server.rstrip("/")
+        self._user, self._password = (None, None) if token else (user, password)
         self._http = httpx.Client(base_url=self.server, auth=auth, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -466,8 +508,6 @@ class RemoteClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
-
-        from qrm_core.errors import ServerUnavailable, error_for_code
 
         try:
             response = self._http.request(method, "/api/v1" + path, **kwargs)
@@ -489,15 +529,19 @@ class RemoteClient:
     # -- setup -----------------------------------------------------------
 
     def init(self, admin_password: str | None) -> InitPublic:
-        from qrm_core.errors import InvalidInput
-
         raise InvalidInput("qrm init works on a database, not through a server; run it where the server runs")
 
     # -- storage ---------------------------------------------------------
 
-    def storage_add(self, name: str, type: str, address: str, comment: str | None) -> StorageServerPublic:
-        body = {"name": name, "type": type, "address": address, "comment": comment}
+    def storage_add(
+        self, name: str, type: str, address: str, comment: str | None, **options: Any
+    ) -> StorageServerPublic:
+        body = {"name": name, "type": type, "address": address, "comment": comment, **_given(options)}
         return StorageServerPublic.model_validate(self._request("POST", "/storage", json=body))
+
+    def storage_set(self, name: str, **options: Any) -> StorageServerPublic:
+        body = _given(options)
+        return StorageServerPublic.model_validate(self._request("PATCH", f"/storage/{_q(name)}", json=body))
 
     def storage_list(self) -> list[StorageServerPublic]:
         return [StorageServerPublic.model_validate(x) for x in self._get("/storage")]
@@ -511,8 +555,6 @@ class RemoteClient:
     # -- boot images -----------------------------------------------------
 
     def boot_image_add(self, **kwargs: Any) -> BootImagePublic:
-        from qrm_core.errors import InvalidInput
-
         files: dict[str, Any] = {}
         handles = []
         try:
@@ -562,6 +604,114 @@ class RemoteClient:
     def fs_image_show(self, name: str) -> FilesystemImagePublic:
         return FilesystemImagePublic.model_validate(self._get(f"/filesystem-images/{_q(name)}"))
 
+    def fs_image_capture(
+        self, progress: Callable[[str], None] | None, **kwargs: Any
+    ) -> FilesystemImagePublic:
+        started = FilesystemImagePublic.model_validate(
+            self._request("POST", "/filesystem-images/capture", json=kwargs, timeout=300)
+        )
+        return self._follow(started.name, progress)
+
+    def fs_image_resume(
+        self,
+        name: str,
+        identity: str | None,
+        host_key: str | None,
+        progress: Callable[[str], None] | None,
+        password: str | None = None,
+    ) -> FilesystemImagePublic:
+        self._request(
+            "POST",
+            f"/filesystem-images/{_q(name)}/capture",
+            json={"identity": identity, "host_key": host_key, "password": password},
+        )
+        return self._follow(name, progress)
+
+    def _follow(self, name: str, progress: Callable[[str], None] | None) -> FilesystemImagePublic:
+        """The server copies in the background: show its progress until the image is ready."""
+        import time
+
+        from qrm_core.errors import DriverError, NotFound
+
+        shown = ""
+        while True:
+            try:
+                image = self.fs_image_show(name)
+            except NotFound:
+                raise DriverError(f"capture of {name} failed and was removed (see 'qrm events')") from None
+            if image.state == "ready":
+                return image
+            if image.state == "error":
+                raise DriverError(f"capture of {name}: {image.progress}")
+            if progress is not None and image.progress and image.progress != shown:
+                shown = image.progress
+                progress(image.progress.removeprefix("capturing: "))
+            time.sleep(1)
+
+    def fs_image_clone(
+        self,
+        source: str,
+        name: str,
+        storage: str | None,
+        comment: str | None,
+        progress: Callable[[str], None] | None = None,
+    ) -> FilesystemImagePublic:
+        """The server copies and answers when done (no progress over HTTP)."""
+        if progress is not None and storage is not None:
+            progress("the server copies the files; it answers when the copy is done")
+        return FilesystemImagePublic.model_validate(
+            self._request(
+                "POST",
+                f"/filesystem-images/{_q(source)}/clone",
+                json={"name": name, "storage": storage, "comment": comment},
+                timeout=6 * 3600,
+            )
+        )
+
+    def fs_image_snapshot(self, name: str, label: str | None) -> ImageSnapshotPublic:
+        return ImageSnapshotPublic.model_validate(
+            self._request(
+                "POST", f"/filesystem-images/{_q(name)}/snapshots", json={"label": label}, timeout=6 * 3600
+            )
+        )
+
+    def fs_image_snapshots(self, name: str) -> list[ImageSnapshotPublic]:
+        return [
+            ImageSnapshotPublic.model_validate(x)
+            for x in self._get(f"/filesystem-images/{_q(name)}/snapshots")
+        ]
+
+    def fs_image_snapshot_remove(self, name: str, label: str) -> ImageSnapshotPublic:
+        return ImageSnapshotPublic.model_validate(
+            self._request("DELETE", f"/filesystem-images/{_q(name)}/snapshots/{_q(label)}")
+        )
+
+    def fs_image_revert(self, name: str, label: str) -> ImageSnapshotPublic:
+        return ImageSnapshotPublic.model_validate(
+            self._request(
+                "POST", f"/filesystem-images/{_q(name)}/revert", json={"label": label}, timeout=6 * 3600
+            )
+        )
+
+    def fs_image_import(self, progress: Callable[[str], None] | None, **kwargs: Any) -> FilesystemImagePublic:
+        if not str(kwargs.get("archive", "")).startswith(("http://", "https://")):
+            raise InvalidInput(
+                "through a server, import from an http(s) URL the server can fetch "
+                "(or run the import where qrm keeps its data)"
+            )
+        if progress is not None:
+            progress("the server downloads, checks and unpacks the archive")
+        return FilesystemImagePublic.model_validate(
+            self._request("POST", "/filesystem-images/import", json=kwargs, timeout=6 * 3600)
+        )
+
+    def ve_reset(self, name: str, progress: Callable[[str], None] | None) -> VirtualEnvironmentPublic:
+        if progress is not None:
+            progress(f"resetting {name} on the server")
+        return VirtualEnvironmentPublic.model_validate(
+            self._request("POST", f"/ves/{_q(name)}/reset", timeout=6 * 3600)
+        )
+
     def fs_image_remove(self, name: str, purge: bool) -> FilesystemImagePublic:
         return FilesystemImagePublic.model_validate(
             self._request("DELETE", f"/filesystem-images/{_q(name)}", params={"purge": purge})
@@ -575,8 +725,16 @@ class RemoteClient:
     def ve_list(self, state: str | None) -> list[VirtualEnvironmentPublic]:
         return [VirtualEnvironmentPublic.model_validate(x) for x in self._get("/ves", state=state)]
 
-    def ve_show(self, name: str) -> VirtualEnvironmentPublic:
-        return VirtualEnvironmentPublic.model_validate(self._get(f"/ves/{_q(name)}"))
+    def ve_show(self, name: str) -> VirtualEnvironmentDetail:
+        return VirtualEnvironmentDetail.model_validate(self._get(f"/ves/{_q(name)}"))
+
+    def ve_set(
+        self, name: str, monitor: list[str] | None, monitor_failover: bool | None
+    ) -> VirtualEnvironmentPublic:
+        body = {
+            k: v for k, v in (("monitor", monitor), ("monitor_failover", monitor_failover)) if v is not None
+        }
+        return VirtualEnvironmentPublic.model_validate(self._request("PATCH", f"/ves/{_q(name)}", json=body))
 
     def ve_remove(self, name: str) -> VirtualEnvironmentPublic:
         return VirtualEnvironmentPublic.model_validate(self._request("DELETE", f"/ves/{_q(name)}"))
@@ -621,14 +779,53 @@ class RemoteClient:
     def resource_halt(self, ref: str) -> ResourcePublic:
         return ResourcePublic.model_validate(self._request("POST", f"/resources/{_q(ref)}/halt"))
 
-    def partition_list(self) -> list[PartitionPublic]:
-        return [PartitionPublic.model_validate(x) for x in self._get("/partitions")]
+    def resource_set(self, ref: str, **kwargs: Any) -> ResourceDetail:
+        return ResourceDetail.model_validate(self._request("PATCH", f"/resources/{_q(ref)}", json=kwargs))
 
-    def partition_remove(self, name: str, host: str | None) -> PartitionPublic:
+    def resource_power(self, ref: str, action: str) -> PowerStatePublic:
+        if action == "status":
+            return PowerStatePublic.model_validate(self._get(f"/resources/{_q(ref)}/power"))
+        return PowerStatePublic.model_validate(
+            self._request("POST", f"/resources/{_q(ref)}/power/{_q(action)}")
+        )
+
+    def partition_list(self, host: str | None = None) -> list[PartitionPublic]:
+        return [PartitionPublic.model_validate(x) for x in self._get("/partitions", host=host)]
+
+    def partition_add(self, **kwargs: Any) -> list[PartitionPublic]:
+        body = {("name" if k == "prefix" else k): val for k, val in kwargs.items()}
+        return [PartitionPublic.model_validate(x) for x in self._request("POST", "/partitions", json=body)]
+
+    def partition_show(self, name: str, host: str | None) -> PartitionDetail:
+        return PartitionDetail.model_validate(self._get(f"/partitions/{_q(name)}", host=host))
+
+    def _partition(
+        self, method: str, name: str, host: str | None, tail: str = "", **body: Any
+    ) -> PartitionPublic:
         params = {"host": host} if host else None
         return PartitionPublic.model_validate(
-            self._request("DELETE", f"/partitions/{_q(name)}", params=params)
+            self._request(method, f"/partitions/{_q(name)}{tail}", params=params, json=body or None)
         )
+
+    def partition_action(self, name: str, host: str | None, action: str, force: bool) -> PartitionPublic:
+        return self._partition("POST", name, host, f"/{_q(action)}", force=force)
+
+    def partition_set(
+        self, name: str, host: str | None, memory_mb: int | None, cpus: int | None, mode: str
+    ) -> PartitionPublic:
+        return self._partition("PATCH", name, host, memory_mb=memory_mb, cpus=cpus, mode=mode)
+
+    def partition_pin(self, name: str, host: str | None, pinning: str, mode: str) -> PartitionPublic:
+        return self._partition("POST", name, host, "/pin", pinning=pinning, mode=mode)
+
+    def partition_migrate(self, name: str, host: str | None, to: str, offline: bool) -> PartitionPublic:
+        return self._partition("POST", name, host, "/migrate", to=to, offline=offline)
+
+    def partition_sync(self, host: str) -> PartitionSyncPublic:
+        return PartitionSyncPublic.model_validate(self._request("POST", f"/resources/{_q(host)}/sync"))
+
+    def partition_remove(self, name: str, host: str | None) -> PartitionPublic:
+        return self._partition("DELETE", name, host)
 
     # -- events, plugins, users -----------------------------------------
 
@@ -649,10 +846,11 @@ class RemoteClient:
     def user_list(self) -> list[UserPublic]:
         return [UserPublic.model_validate(x) for x in self._get("/users")]
 
-    def user_passwd(self, name: str, password: str) -> UserPublic:
-        return UserPublic.model_validate(
-            self._request("POST", f"/users/{_q(name)}/password", json={"password": password})
-        )
+    def user_passwd(self, name: str, password: str, current: str | None = None) -> UserPublic:
+        if current is None and name == self._user:
+            current = self._password  # changing your own: the password you logged in with
+        body = {"password": password, **({"current_password": current} if current is not None else {})}
+        return UserPublic.model_validate(self._request("POST", f"/users/{_q(name)}/password", json=body))
 
     def user_remove(self, name: str) -> UserPublic:
         return UserPublic.model_validate(self._request("DELETE", f"/users/{_q(name)}"))

@@ -8,11 +8,12 @@ built-in defaults.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self, cast
 
 import platformdirs
 from pydantic import Field, field_validator
@@ -74,6 +75,9 @@ class Settings(BaseSettings):
     enabled_hypervisors: Annotated[list[str] | None, NoDecode] = None
     """Hypervisor driver names that may be used; None means every installed one."""
 
+    enabled_power: Annotated[list[str] | None, NoDecode] = None
+    """Power driver names that may be used; None means every installed one."""
+
     actor: str | None = None
     """Who the local CLI acts as in the audit log (default: the OS user)."""
 
@@ -97,6 +101,18 @@ class Settings(BaseSettings):
     """How booting machines reach ``qrm server`` (``http://10.0.0.1:8080``);
     default: built from the address and port the server listens on."""
 
+    provisioning_address: str | None = None
+    """This host's address on the provisioning network (``QRM_PROVISIONING_ADDRESS``):
+    where the boot services (TFTP, plugins' listeners) listen unless their own
+    setting names another. Unset, they serve 127.0.0.1 only, and nothing
+    listens beyond loopback while the admin user has the default password
+    (``qrm_core.services.listening``)."""
+
+    max_upload_mb: int = Field(default=4096, ge=1, le=1024 * 1024)
+    """Largest upload the API and the console take (``QRM_MAX_UPLOAD_MB``): a
+    boot image's kernel and initrd together. Every other request body is
+    limited to 1 MB, the node agent's to 64 KB (``qrm_core.api.limits``)."""
+
     heartbeat_interval: float = 10.0
     """Seconds between node-agent heartbeats (told to agents at registration)."""
 
@@ -109,12 +125,52 @@ class Settings(BaseSettings):
     and the kernel take longer than a heartbeat interval, much longer on real
     servers."""
 
-    @field_validator("disable_plugins", "enabled_storage", "enabled_hypervisors", mode="before")
+    cpu_overcommit: float = Field(default=4.0, gt=0, le=100)
+    """Virtual CPUs a hypervisor host may give its partitions per CPU it has
+    (``QRM_CPU_OVERCOMMIT``): partitions mostly wait, so 4 by default."""
+
+    partition_sync_interval: float = Field(default=60.0, ge=0, le=86400)
+    """Seconds between the engine's reconciliations of each hypervisor host's
+    partitions with what its hypervisor lists (``QRM_PARTITION_SYNC_INTERVAL``;
+    0 turns them off). Drivers that follow their hypervisor's events report
+    changes at once; this catches what no event reported."""
+
+    memory_overcommit: float = Field(default=1.0, gt=0, le=100)
+    """Partition memory a host may give per MB it has (``QRM_MEMORY_OVERCOMMIT``):
+    1 by default, as memory given twice is memory a partition can lose."""
+
+    login_user_failures: int = Field(default=10, ge=1, le=100000)
+    """Failed password logins a user name may have within ``login_window``
+    before its logins are refused (HTTP 429) for the rest of the window
+    (``QRM_LOGIN_USER_FAILURES``)."""
+
+    login_address_failures: int = Field(default=50, ge=1, le=100000)
+    """Failed password logins one client address may have within
+    ``login_window`` (``QRM_LOGIN_ADDRESS_FAILURES``); higher than the user
+    limit, as several people may share an address."""
+
+    login_window: float = Field(default=300.0, gt=0, le=86400)
+    """Seconds, from a first failed login, over which failures are counted
+    (``QRM_LOGIN_WINDOW``)."""
+
+    @field_validator(
+        "disable_plugins", "enabled_storage", "enabled_hypervisors", "enabled_power", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("provisioning_address", mode="before")
+    @classmethod
+    def _address(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        try:
+            return str(ipaddress.ip_address(str(value).strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
 
     @classmethod
     def settings_customise_sources(
@@ -163,6 +219,7 @@ def get_settings() -> Settings:
 def reset_settings_cache() -> None:
     """Forget the cached settings (tests change the environment between runs)."""
     get_settings.cache_clear()
+    _PLUGIN_SETTINGS.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +240,33 @@ def read_config_table(name: str) -> dict[str, Any]:
 
         raise InvalidInput(f"cannot read {path}: {exc}") from None
     return table if isinstance(table, dict) else {}
+
+
+def settings_source_key() -> tuple[Any, ...]:
+    """What settings are read from, as a value (compare with ``==``) that
+    changes when they may have: the environment and the configuration file's
+    identity (path, inode, size, modification time). Cheap (microseconds), so a hook
+    called on every registration can keep its settings until this changes
+    (:meth:`PluginSettings.cached`)."""
+    path = _config_file()
+    try:
+        st = os.stat(path)
+        identity: tuple[Any, ...] = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = (str(path),)
+    # The environment as the process holds it (bytes), copied in C: decoding
+    # each variable through os.environ was most of the cost.
+    raw = getattr(os.environ, "_data", None)
+    environment: Any = (
+        dict(raw)
+        if isinstance(raw, dict)
+        else tuple(item for item in os.environ.items() if item[0].startswith("QRM_"))
+    )
+    return (environment, identity)
+
+
+#: PluginSettings.cached(): per class, (settings_source_key(), settings).
+_PLUGIN_SETTINGS: dict[type[Any], tuple[tuple[Any, ...], Any]] = {}
 
 
 class PluginSettings(BaseSettings):
@@ -218,6 +302,23 @@ class PluginSettings(BaseSettings):
         if table:
             return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=table))
         return (init_settings, env_settings)
+
+    @classmethod
+    def cached(cls) -> Self:
+        """:meth:`load` without overrides, kept until the environment or the
+        configuration file changes (:func:`settings_source_key`).
+
+        Building settings costs about a millisecond (pydantic-settings inspects
+        every field's type on each build); a hook that runs on every
+        registration asks for them each time. A bad value raises as
+        :meth:`load` does, every time, and is not kept."""
+        key = settings_source_key()
+        kept = _PLUGIN_SETTINGS.get(cls)
+        if kept is not None and kept[0] == key:
+            return cast("Self", kept[1])
+        settings = cls.load()
+        _PLUGIN_SETTINGS[cls] = (key, settings)
+        return settings
 
     @classmethod
     def load(cls, *, error: type[QrmError] | None = None, **overrides: Any) -> Self:

@@ -92,9 +92,11 @@ class DriverNotFound(PluginError):
     http_status = 422
 
     def __init__(self, namespace: str, name: str, available: list[str]) -> None:
-        kind = {"qrm.storage": "storage type", "qrm.hypervisors": "hypervisor"}.get(
-            namespace, f"{namespace} driver"
-        )
+        kind = {
+            "qrm.storage": "storage type",
+            "qrm.hypervisors": "hypervisor",
+            "qrm.power": "power driver",
+        }.get(namespace, f"{namespace} driver")
         installed = ", ".join(available) if available else "none"
         super().__init__(
             f"unknown {kind} {name!r}; installed: {installed}",
@@ -124,6 +126,14 @@ class DriverError(QrmError):
     http_status = 502
 
 
+class UnsupportedOperation(QrmError):
+    """A driver cannot do an optional operation (on this host or server):
+    ``xen on hv1 cannot pin CPUs``."""
+
+    code = "unsupported_operation"
+    http_status = 409
+
+
 class AuthError(QrmError):
     code = "unauthorized"
     http_status = 401
@@ -132,6 +142,14 @@ class AuthError(QrmError):
 class Forbidden(QrmError):
     code = "forbidden"
     http_status = 403
+
+
+class TooManyAttempts(QrmError):
+    """Logins refused for a while after too many failures (HTTP 429 with
+    ``Retry-After``; ``details["retry_after"]`` holds the seconds)."""
+
+    code = "too_many_attempts"
+    http_status = 429
 
 
 def error_for_code(code: str, message: str, details: dict[str, Any] | None = None) -> QrmError:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import typer
 
     from qrm_core.config import Settings
-    from qrm_core.context import BackgroundService, HealthCheck, HookContext
+    from qrm_core.context import BackgroundService, ConsoleLink, ConsolePanel, HealthCheck, HookContext
     from qrm_core.models import (
         BootImagePublic,
         EventPublic,
@@ -103,7 +103,8 @@ def qrm_collect_services(ctx: HookContext) -> list[BackgroundService]:
 
     Called once when the server starts. Results from all plugins are
     concatenated; the server starts them in that order and stops them in
-    reverse order.
+    reverse order. A service with ``leader_only = True`` runs only on the
+    server holding the engine's leader lock (see ``BackgroundService``).
 
     :param ctx: Hook context.
     :return: Services to run alongside the server.
@@ -207,6 +208,22 @@ def qrm_ve_created(ve: VirtualEnvironmentPublic, ctx: HookContext) -> None:
 
 
 @hookspec
+def qrm_ve_updated(ve: VirtualEnvironmentPublic, changed: list[str], ctx: HookContext) -> None:
+    """Notify plugins that a virtual environment's settings changed (``qrm ve set``).
+
+    Broadcast after commit. Start, stop and membership have their own hooks;
+    this one is for what the VE asks of plugins, such as its ``monitor``
+    checks.
+
+    :param ve: The virtual environment as it is now.
+    :param changed: Names of the fields that changed.
+    :param ctx: Hook context.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
 def qrm_ve_removed(ve: VirtualEnvironmentPublic, ctx: HookContext) -> None:
     """Notify plugins that a virtual environment was removed.
 
@@ -269,8 +286,10 @@ def qrm_ve_resource_assigned(
 ) -> None:
     """Notify plugins that a resource was assigned to a virtual environment.
 
-    Broadcast after commit, before the resource reboots into the VE: storage
-    plugins export the filesystem image to this client here.
+    Broadcast after commit, before the resource reboots into the VE. The
+    engine itself grants the resource access to the filesystem image through
+    the storage driver (``export_volume``); plugins react here (a boot plugin
+    regenerates the resource's boot configuration).
 
     :param ve: The virtual environment.
     :param resource: The resource now serving it.
@@ -418,6 +437,11 @@ def qrm_partition_created(partition: PartitionPublic, ctx: HookContext) -> None:
 def qrm_partition_state_changed(partition: PartitionPublic, old_state: str, ctx: HookContext) -> None:
     """Notify plugins that a partition moved from ``old_state`` to ``partition.state``.
 
+    Called after commit, whoever moved it: an operator (``qrm partition
+    start|stop|pause|resume``, a migration), the engine (fencing), or a
+    hypervisor plugin reporting a change made behind qrm's back
+    (``observe_partition_state``, ``sync_host``).
+
     :param partition: The partition in its new state.
     :param old_state: The state it left.
     :param ctx: Hook context.
@@ -454,5 +478,44 @@ def qrm_collect_health(resource: ResourcePublic, ctx: HookContext) -> list[Healt
     :return: Observations, possibly empty.
 
     .. versionadded:: 0.1
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# Console
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def qrm_console_links(object_type: str, object_name: str, ctx: HookContext) -> list[ConsoleLink]:
+    """Contribute links to other tools' views of an object (Nagios, Webmin).
+
+    Called when an object is shown (the console's object pages, ``qrm
+    resource show``). Results from all plugins are concatenated.
+
+    :param object_type: One of :data:`qrm_core.context.CONSOLE_OBJECT_TYPES`.
+    :param object_name: The object's name (a resource's MAC).
+    :param ctx: Hook context.
+    :return: Links, possibly empty.
+
+    .. versionadded:: 0.2
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def qrm_console_panels(object_type: str, object_name: str, ctx: HookContext) -> list[ConsolePanel]:
+    """Contribute panels of facts to an object's page (a DHCP lease, a monitoring state).
+
+    Called when an object is shown, like :func:`qrm_console_links`; keep it
+    fast (report what is known, do not probe).
+
+    :param object_type: One of :data:`qrm_core.context.CONSOLE_OBJECT_TYPES`.
+    :param object_name: The object's name (a resource's MAC).
+    :param ctx: Hook context.
+    :return: Panels, possibly empty.
+
+    .. versionadded:: 0.2
     """
     raise NotImplementedError

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import Field as PydanticField
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -92,6 +93,8 @@ class ResourceState(StrEnum):
     ASSIGNED = "assigned"
     BOOTING = "booting"
     ACTIVE = "active"
+    # A partition paused on its hypervisor: silent, but not failed (no failover while paused).
+    PAUSED = "paused"
     ERROR = "error"
     OFF = "off"
 
@@ -149,6 +152,8 @@ class Role(StrEnum):
 
 
 NAME_LEN = 64
+#: The largest id or counter qrm accepts: it fits every database's integer column.
+MAX_ID = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------
@@ -164,6 +169,8 @@ class StorageServer(SQLModel, table=True):
     type: str = Field(max_length=32)
     address: str = Field(max_length=255)
     comment: str = Field(default="", max_length=255)
+    # Per-server driver settings (``qrm storage set``): strings, e.g. how to reach it over SSH.
+    settings: dict[str, str] | None = Field(default=None, sa_type=sa.JSON)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
@@ -189,6 +196,13 @@ class FilesystemImage(SQLModel, table=True):
     size_mb: int | None = None
     comment: str = Field(default="", max_length=255)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # Where the data came from (``root@10.0.11.172:/``, an archive, another
+    # image) and when it was last filled from there; empty for an empty image.
+    source: str = Field(default="", max_length=255)
+    source_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # What a running job on the image (a capture, a clone) has done so far, one
+    # line for people; empty when nothing runs.
+    progress: str = Field(default="", max_length=255)
 
 
 class BootImage(SQLModel, table=True):
@@ -248,6 +262,15 @@ class VirtualEnvironment(SQLModel, table=True):
     req_memory_mb: int = 0
     pool_size: int = 1
     failover: bool = False
+    # Checks monitoring plugins run on every member ("http:80", "tcp:5432"; see
+    # services.validation.monitor_checks); their meaning is the plugin's.
+    monitor: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    # A member that a monitoring plugin holds down (hard state) counts as failed,
+    # like one whose heartbeats stopped (needs failover; off by default).
+    monitor_failover: bool = False
+    # Keep a snapshot of the filesystem image as it was when the VE first
+    # started, so ``qrm ve reset`` can give it back (storage with snapshots).
+    pristine: bool = False
     kernel_args: str = Field(default="", max_length=512)
     desired_state: str = Field(default=VEDesiredState.STOPPED.value, max_length=16)
     state: str = Field(default=VEState.STOPPED.value, max_length=16)
@@ -314,6 +337,24 @@ class Resource(SQLModel, table=True):
     state_changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     token_hash: str | None = Field(default=None, max_length=128)
     comment: str = Field(default="", max_length=255)
+    # A hypervisor host: how qrm reaches its hypervisor (a libvirt URI, a vCenter
+    # host reference; None: the driver's default from the address), the
+    # provisioning network its partitions join, other driver settings.
+    hypervisor_uri: str | None = Field(default=None, max_length=512)
+    network: str | None = Field(default=None, max_length=64)
+    host_settings: dict[str, str] | None = Field(default=None, sa_type=sa.JSON)
+    # A machine with a power controller (BMC, PDU): the power driver that fences it.
+    power_driver: str | None = Field(default=None, max_length=32)
+    power_address: str | None = Field(default=None, max_length=255)
+    power_username: str | None = Field(default=None, max_length=64)
+    # Secret: never shown, logged or put in an event.
+    power_password: str | None = Field(default=None, max_length=255)
+    # A host without an agent that another manager knows (``vmware:vc1``):
+    # kept by that plugin's sync (services/managed.py), never placed into a
+    # VE, never timed out for want of heartbeats.
+    managed_by: str | None = Field(default=None, max_length=96, index=True)
+    # Memory not in use now, as the host's hypervisor or manager reports it.
+    free_memory_mb: int | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
@@ -334,6 +375,11 @@ class Partition(SQLModel, table=True):
     cpus: int = 1
     memory_mb: int = 256
     cpu_pinning: str = Field(default="", max_length=255)
+    #: What it may grow to while running, as asked when it was added (None:
+    #: the driver's default): whoever makes it (the request, or an engine
+    #: pass finishing a ``creating`` row) defines the same domain.
+    max_cpus: int | None = None
+    max_memory_mb: int | None = None
     mac: str = Field(max_length=17, unique=True)
     state: str = Field(default=PartitionState.CREATING.value, max_length=16)
     resource_id: int | None = Field(
@@ -363,6 +409,20 @@ class SiteSetting(SQLModel, table=True):
 
     key: str = Field(max_length=64, primary_key=True)
     value: str = Field(sa_type=sa.Text)
+    changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class PluginData(SQLModel, table=True):
+    """A plugin's own records (a vCenter connection, a cursor), as JSON under
+    ``(plugin, key)``; shared by every qrm server on one database. Read and
+    written through :mod:`qrm_core.services.plugin_data` only. Secrets go in
+    encrypted by the plugin."""
+
+    __tablename__ = "plugin_data"
+
+    plugin: str = Field(max_length=NAME_LEN, primary_key=True)
+    key: str = Field(max_length=128, primary_key=True)
+    value: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     changed_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
@@ -403,6 +463,35 @@ class ApiToken(SQLModel, table=True):
     last_used: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+class ConsoleSession(SQLModel, table=True):
+    """A login to the web console: the browser holds the secret in a cookie,
+    the database a SHA-256 hash of it (logging out deletes the row)."""
+
+    __tablename__ = "console_session"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    user_id: int = Field(
+        sa_column=sa.Column(sa.Integer, sa.ForeignKey("user_account.id", ondelete="CASCADE"), nullable=False)
+    )
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class LoginFailure(SQLModel, table=True):
+    """Failed password logins counted per user name and per client address,
+    in the database so that every qrm server on it throttles alike
+    (:mod:`qrm_core.services.logins`). ``key`` is ``user:`` or ``address:``
+    followed by a SHA-256 of the lower-cased name or the address (no
+    collation of any backend can then join two keys)."""
+
+    __tablename__ = "login_failure"
+
+    key: str = Field(max_length=80, primary_key=True)
+    failures: int = 0
+    first_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
 class PluginSetting(SQLModel, table=True):
     """Persisted enable/disable state of a plugin (``qrm plugins enable|disable``)."""
 
@@ -426,6 +515,12 @@ class StorageServerPublic(SQLModel):
     comment: str
     created_at: datetime
     filesystem_images: list[str] = []
+    #: Per-server driver settings (not secret: SSH keys live in files, never here).
+    settings: dict[str, str] = {}
+    #: Where qrm manages it from: ``this machine``, or ``USER@ADDRESS[:PORT]`` over SSH.
+    managed_from: str = "this machine"
+    #: Given when it is added: why machines cannot boot from it yet (left out when they can).
+    warning: str = PydanticField(default="", exclude_if=lambda value: not value)
 
 
 class FilesystemImagePublic(SQLModel):
@@ -439,7 +534,19 @@ class FilesystemImagePublic(SQLModel):
     size_mb: int | None
     comment: str
     created_at: datetime
+    source: str = ""
+    source_at: datetime | None = None
+    progress: str = ""
     used_by: list[str] = []
+
+
+class ImageSnapshotPublic(SQLModel):
+    """A snapshot of a filesystem image; ``how`` says how it was taken or reverted
+    (``copy-on-write``, ``full copy``) where the operation just did it."""
+
+    image: str
+    label: str
+    how: str = ""
 
 
 class BootImagePublic(SQLModel):
@@ -469,6 +576,9 @@ class VirtualEnvironmentPublic(SQLModel):
     req_memory_mb: int
     pool_size: int
     failover: bool
+    monitor: list[str] = []
+    monitor_failover: bool = False
+    pristine: bool = False
     kernel_args: str
     desired_state: str
     state: str
@@ -498,7 +608,38 @@ class ResourcePublic(SQLModel):
     last_seen: datetime | None
     state_changed_at: datetime
     comment: str
+    managed_by: str | None = None
+    free_memory_mb: int | None = None
     created_at: datetime
+
+
+class HealthPublic(SQLModel):
+    """What one monitoring plugin says about a resource."""
+
+    source: str
+    status: str
+    message: str
+
+
+class MemberHealthPublic(HealthPublic):
+    """What one monitoring plugin says about one member of a virtual environment."""
+
+    resource: str
+
+
+class VirtualEnvironmentDetail(VirtualEnvironmentPublic):
+    """One VE as ``ve show`` shows it: with what monitoring says about its members."""
+
+    health: list[MemberHealthPublic] = []
+
+
+class ResourceListPublic(SQLModel):
+    """One page of resources."""
+
+    items: list[ResourcePublic]
+    total: int
+    offset: int
+    limit: int | None
 
 
 class PartitionPublic(SQLModel):
@@ -514,6 +655,74 @@ class PartitionPublic(SQLModel):
     resource_id: int | None
     ve: str | None
     created_at: datetime
+
+
+class HostCapacity(SQLModel):
+    """What a hypervisor host can hold, what its partitions take, and what is free.
+
+    Capacity is the host's CPUs and memory times the site's overcommit ratios
+    (``QRM_CPU_OVERCOMMIT``, ``QRM_MEMORY_OVERCOMMIT``); every partition qrm
+    has on the host counts, whatever its state.
+    """
+
+    hypervisors: list[str]
+    cpus: int
+    memory_mb: int
+    cpu_overcommit: float
+    memory_overcommit: float
+    cpus_total: int
+    memory_total_mb: int
+    partitions: int
+    cpus_used: int
+    memory_used_mb: int
+    cpus_free: int
+    memory_free_mb: int
+
+
+class ResourceDetail(ResourcePublic):
+    """One resource as ``resource show`` shows it: with what monitoring says,
+    how qrm reaches its hypervisor and power controller (never the
+    controller's password), and for a hypervisor host its partitions and
+    capacity."""
+
+    health: list[HealthPublic] = []
+    hypervisor_uri: str | None = None
+    network: str | None = None
+    host_settings: dict[str, str] = {}
+    power_driver: str | None = None
+    power_address: str | None = None
+    power_username: str | None = None
+    power_password_set: bool = False
+    partitions: list[PartitionPublic] = []
+    capacity: HostCapacity | None = None
+
+
+class PowerStatePublic(SQLModel):
+    """What a resource's power controller says (``qrm resource power status``), or did."""
+
+    resource: str
+    driver: str
+    action: str
+    state: str
+
+
+class PartitionDetail(PartitionPublic):
+    """One partition as ``partition show`` shows it: the resource it became,
+    the virtual environment that resource serves, and the optional operations
+    its host's driver supports (``pause_partition``, ``pin_vcpus``, ...)."""
+
+    resource: str | None = None
+    resource_state: str | None = None
+    serves: str | None = None
+    operations: list[str] = []
+
+
+class PartitionSyncPublic(SQLModel):
+    """What reconciling qrm's records of a host's partitions with its hypervisor changed."""
+
+    host: str
+    changes: list[str] = []
+    unknown: list[str] = []
 
 
 class EventPublic(SQLModel):
@@ -547,3 +756,32 @@ class ApiTokenCreated(ApiTokenPublic):
     """A token just created: the only time its secret is shown."""
 
     token: str
+
+
+class PluginPublic(SQLModel):
+    """An installed plugin or driver as ``qrm plugins list`` shows it."""
+
+    name: str
+    kind: str
+    distribution: str | None
+    version: str | None
+    enabled: bool
+    loaded: bool
+    status: str
+    error: str | None
+    missing: list[str]
+    description: str
+    entry_point: str
+    disabled_by: str | None = None
+
+
+class InitPublic(SQLModel):
+    """What ``qrm init`` did."""
+
+    database: str
+    revision_before: str | None
+    revision: str
+    admin: str
+    admin_created: bool
+    default_password: bool
+    boot_image: str = ""

@@ -3,10 +3,12 @@ the engine, and the background services plugins contribute (TFTP, DHCP, ...)."""
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,23 +17,13 @@ from qrm_core import db
 from qrm_core.context import BackgroundService, HookContext
 from qrm_core.errors import InvalidInput, QrmError
 from qrm_core.models import EventLevel
+from qrm_core.services.listening import check_listen
 
 if TYPE_CHECKING:
     from qrm_core.config import Settings
     from qrm_core.plugins import PluginSystem
 
 log = logging.getLogger("qrm.server")
-
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def is_wildcard(host: str) -> bool:
@@ -73,36 +65,81 @@ def prepare_database(settings: Settings, plugins: PluginSystem) -> None:
         log.info("database prepared: %s -> %s", result.revision_before, result.revision)
 
 
-def check_public_bind(settings: Settings, plugins: PluginSystem, host: str) -> None:
-    """Refuse to listen beyond loopback while the default admin password is unchanged."""
-    if is_loopback(host):
-        return
-    from qrm_core.services import service_context, users
+def freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, the app and its routes, plugins,
+    services: 160,000-180,000 objects) out of the garbage collector's passes.
 
-    with service_context(settings, actor="server", plugins=plugins) as ctx:
-        if users.default_password_unchanged(ctx):
-            raise InvalidInput(
-                f"refusing to listen on {host}: the admin user '{users.DEFAULT_ADMIN}' still has the default "
-                "password; set one with 'qrm init --admin-password ...' (or listen on 127.0.0.1)"
-            )
+    They live as long as the process, yet every full pass visited them all
+    again, and requests allocate enough for one every few hundred of them:
+    in bench_register.py the collector took 1.4-1.9 s of a run of 3,000
+    registrations and 4 s of heartbeats, 0.75-1.0 s with this (the standard
+    ``gc.freeze()`` of a pre-loaded server)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _name(service: BackgroundService) -> str:
+    return getattr(service, "name", type(service).__name__)
 
 
 @dataclass
 class RunningServices:
+    """The plugins' services of one server: those every server runs, and the
+    leader-only ones, run while this server holds the engine's leader lock."""
+
     started: list[BackgroundService] = field(default_factory=list)
+    #: Leader-only services, in the order the plugins gave them.
+    leader_only: list[BackgroundService] = field(default_factory=list)
+    #: Those of them running now (this server is the leader).
+    leading: list[BackgroundService] = field(default_factory=list)
+    settings: Settings | None = None
+    plugins: PluginSystem | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def leadership(self, leader: bool) -> None:
+        """Start the leader-only services when this server becomes the leader, stop them when it is not."""
+        with self._lock:
+            if leader and not self.leading:
+                for service in self.leader_only:
+                    if self._start(service):
+                        self.leading.append(service)
+            elif not leader and self.leading:
+                _stop_all(self.leading)
+
+    def _start(self, service: BackgroundService) -> bool:
+        try:
+            service.start()
+        except Exception as exc:
+            log.exception("service %s failed to start", _name(service))
+            if self.settings is not None and self.plugins is not None:
+                record(
+                    self.settings,
+                    self.plugins,
+                    f"service {_name(service)} failed to start: {exc}",
+                    EventLevel.ERROR,
+                )
+            return False
+        log.info("service %s started", _name(service))
+        return True
 
     def stop(self) -> None:
-        for service in reversed(self.started):
-            try:
-                service.stop()
-            except Exception:
-                log.exception("service %s did not stop cleanly", getattr(service, "name", service))
-        self.started.clear()
+        with self._lock:
+            _stop_all(self.leading)
+            _stop_all(self.started)
+
+
+def _stop_all(services: list[BackgroundService]) -> None:
+    for service in reversed(services):
+        try:
+            service.stop()
+        except Exception:
+            log.exception("service %s did not stop cleanly", _name(service))
+    services.clear()
 
 
 def start_plugin_services(settings: Settings, plugins: PluginSystem) -> RunningServices:
     """Start every plugin's background service; a failing one is logged and recorded, the rest run."""
-    running = RunningServices()
+    running = RunningServices(settings=settings, plugins=plugins)
     try:
         services = plugins.hooks.collect_services(HookContext(settings=settings, actor="server"))
     except QrmError as exc:
@@ -110,15 +147,10 @@ def start_plugin_services(settings: Settings, plugins: PluginSystem) -> RunningS
         record(settings, plugins, exc.message, EventLevel.ERROR)
         return running
     for service in services:
-        name = getattr(service, "name", type(service).__name__)
-        try:
-            service.start()
-        except Exception as exc:
-            log.exception("service %s failed to start", name)
-            record(settings, plugins, f"service {name} failed to start: {exc}", EventLevel.ERROR)
-            continue
-        running.started.append(service)
-        log.info("service %s started", name)
+        if getattr(service, "leader_only", False):
+            running.leader_only.append(service)  # started when this server becomes the leader
+        elif running._start(service):
+            running.started.append(service)
     return running
 
 
@@ -154,7 +186,8 @@ class QrmServer:
 
     def prepare(self) -> None:
         prepare_database(self.settings, self.plugins)
-        check_public_bind(self.settings, self.plugins, self.host)
+        # The one rule every listener of qrm follows (plugins ask it too).
+        check_listen(self.settings, self.host, service="qrm server", plugins=self.plugins)
         if self.server_url is None:
             log.warning(
                 "listening on a wildcard address without QRM_SERVER_URL: booting machines are told no "
@@ -174,7 +207,11 @@ class QrmServer:
                 metrics.reconcile_seconds.labels(step=step).observe(seconds)
 
         self.engine = EngineRunner(
-            self.settings, self.plugins, interval=self.engine_interval, on_tick=on_tick
+            self.settings,
+            self.plugins,
+            interval=self.engine_interval,
+            on_tick=on_tick,
+            on_leadership=lambda leader: self.services.leadership(leader),
         )
         app = create_app(self.settings, self.plugins, engine=self.engine, server_url=self.server_url)
         config = uvicorn.Config(
@@ -186,18 +223,20 @@ class QrmServer:
             timeout_graceful_shutdown=5,
             backlog=4096,
         )
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _UvicornServer(config)
         return app
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT."""
         self.prepare()
+        _warnings_to_terminal()
         sock = bind_socket(self.host, self.port)
         self._bound(sock)
         self.build()
         self.services = start_plugin_services(self.settings, self.plugins)
         self.engine.start()
         record(self.settings, self.plugins, f"qrm server started on {self.host}:{self.port}")
+        freeze_startup_objects()
         try:
             self._uvicorn.run(sockets=[sock])
         finally:
@@ -225,9 +264,55 @@ class QrmServer:
     def stop(self) -> None:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
+            from qrm_core import console
+
+            console.stop(self._uvicorn.config.app)  # open pages' live streams end now
         if self.engine is not None:
             self.engine.stop()
         self.services.stop()
+
+
+class _OneLineForTerminal(logging.Formatter):
+    """``qrm server: message[: the exception's one line]``; tracebacks stay in the log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {record.exc_info[1]}"
+        return f"qrm server: {text}"
+
+
+def _warnings_to_terminal() -> None:
+    """``qrm server`` in the foreground: warnings and errors (a service that
+    serves loopback only, one that failed to start) also go to its terminal."""
+    root = logging.getLogger("qrm")
+    if any(getattr(handler, "_qrm_terminal", False) for handler in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_OneLineForTerminal())
+    handler._qrm_terminal = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+
+
+def _uvicorn_server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server; on SIGTERM/SIGINT the console's live streams end
+        at once (else the graceful shutdown waits for every open page)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            from qrm_core import console
+
+            console.stop(self.config.app)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def _UvicornServer(config: Any) -> Any:
+    return _uvicorn_server_class()(config)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

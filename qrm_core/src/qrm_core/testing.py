@@ -131,7 +131,28 @@ def create_test_database(backend: str, tmp_dir: Path) -> TestDatabase:
 
 
 def empty_database(engine: sa.Engine) -> None:
-    """Delete every row (keeping the schema and its revision)."""
+    """Delete every row (keeping the schema and its revision).
+
+    PostgreSQL: DELETE in dependency order and restart the schema's sequences,
+    as ``TRUNCATE ... RESTART IDENTITY`` would; a TRUNCATE of every table costs
+    about 0.25 s against 0.03 s for the DELETEs on a test's few rows, paid
+    after every test on PostgreSQL. TRUNCATE stays the fallback (a cycle of
+    foreign keys that DELETE cannot order).
+    """
+    if engine.dialect.name == "postgresql":
+        try:
+            with engine.begin() as conn:
+                for table in reversed(SQLModel.metadata.sorted_tables):
+                    conn.execute(table.delete())
+                sequences = conn.exec_driver_sql(
+                    "SELECT sequence_name FROM information_schema.sequences"
+                    " WHERE sequence_schema = current_schema()"
+                ).scalars()
+                for name in list(sequences):
+                    conn.exec_driver_sql(f'ALTER SEQUENCE "{name}" RESTART')
+            return
+        except sa.exc.IntegrityError:
+            pass
     with engine.begin() as conn:
         if conn.dialect.name == "mysql":
             conn.exec_driver_sql("SET FOREIGN_KEY_CHECKS=0")
@@ -282,13 +303,15 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(settings: Settings, *, engine_interval: float = 0.2) -> Iterator[RunningServer]:
-    """Run ``qrm server`` in this process (HTTP on 127.0.0.1, an ephemeral port)."""
-    from qrm_core.plugins import PluginSystem
+def running_server(
+    settings: Settings, *, engine_interval: float = 0.2, plugins: PluginSystem | None = None
+) -> Iterator[RunningServer]:
+    """Run ``qrm server`` in this process (HTTP on 127.0.0.1, an ephemeral port),
+    with the plugins found through entry points, or with ``plugins``."""
     from qrm_core.server import QrmServer
     from qrm_core.services import service_context, users
 
-    plugins = PluginSystem(settings).load()
+    plugins = plugins if plugins is not None else PluginSystem(settings).load()
     with service_context(settings, plugins=plugins) as ctx:
         users.ensure_admin(ctx, None)
     server = QrmServer(settings, plugins, "127.0.0.1", 0, engine_interval=engine_interval)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -9,20 +10,27 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from qrm_core.api.deps import bearer, get_ctx
+from qrm_core.api.openapi import ENROLLMENT_SECURITY, MACHINE_SECURITY
 from qrm_core.errors import AuthError, NotFound
+from qrm_core.models import MAX_ID
 from qrm_core.services import ServiceContext, agent, boot, service_context, site
 
 router = APIRouter()
 Ctx = Annotated[ServiceContext, Depends(get_ctx)]
 
-MAX_ID = 2**31 - 1  # ids and counters fit every database's integer column
+#: The header with which a live agent that registers again proves it is the
+#: machine (its current per-resource token); see docs/agent-protocol.md.
+PROOF_HEADER = "X-Qrm-Agent-Token"
+
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class RegisterRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON types as the document says them
+
     mac: str = Field(max_length=32)
     ip: str | None = Field(default=None, max_length=64)
     cpus: int = Field(ge=0, le=4096)
@@ -43,6 +51,8 @@ class RegisterResponse(BaseModel):
 
 
 class HeartbeatRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON types as the document says them
+
     resource_id: int = Field(ge=1, le=MAX_ID)
     state: Literal["idle", "active", "failed"]
     reason: str | None = Field(default=None, max_length=200)
@@ -86,7 +96,12 @@ def _agent_ctx(request: Request) -> AbstractContextManager[ServiceContext]:
     return service_context(state.settings, actor="anonymous", plugins=state.plugins, check_schema=False)
 
 
-@router.post("/agent/v1/register", tags=["agent"], response_model=RegisterResponse)
+@router.post(
+    "/agent/v1/register",
+    tags=["agent"],
+    response_model=RegisterResponse,
+    openapi_extra={"security": ENROLLMENT_SECURITY},
+)
 def register(request: Request, body: RegisterRequest) -> Response:
     try:
         with _agent_ctx(request) as ctx:
@@ -103,6 +118,8 @@ def register(request: Request, body: RegisterRequest) -> Response:
                 boot_generation=body.boot_generation,
                 mode=body.mode,
                 ve=body.ve,
+                source=request.client.host if request.client else None,
+                proof=request.headers.get(PROOF_HEADER),
             )
     except Exception:
         _count(request, "register", "error")
@@ -111,7 +128,12 @@ def register(request: Request, body: RegisterRequest) -> Response:
     return _json(RegisterResponse(**result.__dict__))
 
 
-@router.post("/agent/v1/heartbeat", tags=["agent"], response_model=HeartbeatResponse)
+@router.post(
+    "/agent/v1/heartbeat",
+    tags=["agent"],
+    response_model=HeartbeatResponse,
+    openapi_extra={"security": MACHINE_SECURITY},
+)
 def heartbeat(request: Request, body: HeartbeatRequest) -> Response:
     try:
         with _agent_ctx(request) as ctx:
@@ -132,7 +154,32 @@ def heartbeat(request: Request, body: HeartbeatRequest) -> Response:
     return _json(HeartbeatResponse(**answer.__dict__))
 
 
-@router.get("/agent/v1/boot/{mac}", tags=["agent"])
+class RootSecretsRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON types as the document says them
+
+    resource_id: int = Field(ge=1, le=MAX_ID)
+    boot_generation: int = Field(default=0, ge=0, le=MAX_ID)
+
+
+@router.post(
+    "/agent/v1/root-secrets",
+    tags=["agent"],
+    response_model=dict[str, str],
+    openapi_extra={"security": MACHINE_SECURITY},
+)
+def root_secrets(request: Request, body: RootSecretsRequest) -> Response:
+    """The credentials of the VE root this machine is booting (CHAP for an iSCSI root):
+    for the machine's own token and current boot only; an empty object when the root
+    needs none. Never logged."""
+    with _agent_ctx(request) as ctx:
+        ctx.actor = f"agent:{body.resource_id}"
+        secrets = boot.root_secrets(
+            ctx, resource_id=body.resource_id, token=bearer(request), boot_generation=body.boot_generation
+        )
+    return Response(json.dumps(secrets), media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/agent/v1/boot/{mac}", tags=["agent"], openapi_extra={"security": ENROLLMENT_SECURITY})
 def boot_config(request: Request, ctx: Ctx, mac: str) -> boot.BootConfig:
     """What this MAC boots now (for boot services near the machines); needs the enrollment token."""
     _enrollment(ctx, request)
@@ -145,7 +192,7 @@ def boot_config(request: Request, ctx: Ctx, mac: str) -> boot.BootConfig:
 @router.get("/boot/{image}/{file}", tags=["agent"])
 def boot_file(request: Request, ctx: Ctx, image: str, file: Literal["vmlinuz", "initrd"]) -> FileResponse:
     """A boot image's kernel or initrd (what iPXE fetches; no credentials, like TFTP)."""
-    if not _IMAGE_NAME.match(image):
+    if not _IMAGE_NAME.fullmatch(image):
         raise NotFound("no such boot file")
     kernel, initrd = boot.boot_image_files(ctx, image)
     path = kernel if file == "vmlinuz" else initrd

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,11 +23,14 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from sqlmodel import Session, func, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qrm_core import __version__
+from qrm_core import __version__, console
 from qrm_core.api import agent_routes, routes
+from qrm_core.api import openapi as openapi_document
 from qrm_core.api.deps import require
+from qrm_core.api.limits import BodyLimit
 from qrm_core.db import get_engine
 from qrm_core.errors import QrmError
 from qrm_core.models import Resource, ResourceState, Role, VEState, VirtualEnvironment
@@ -56,6 +60,15 @@ class EnrollmentCache:
         self._value: str | None = None
         self._read_at = 0.0
         self._lock = threading.Lock()
+
+    def peek(self, token: str) -> bool | None:
+        """Whether ``token`` is the enrollment token, from the cache alone: None
+        when the cached value is stale (the caller checks with :meth:`check`)."""
+        with self._lock:
+            if self._value is None or time.monotonic() - self._read_at > self.ttl:
+                return None
+            value = self._value
+        return hmac.compare_digest(value.encode(), token.encode())
 
     def check(self, ctx: ServiceContext, token: str) -> bool:
         from qrm_core.services import site
@@ -148,6 +161,36 @@ class _StateCollector:
         yield ves
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods of this path (a 405 names them in ``Allow``, RFC 9110).
+
+    For a path of the API, those the OpenAPI document gives its most specific
+    template (``/filesystem-images/capture`` rather than ``/filesystem-images/{name}``);
+    routes of one path are separate, and Starlette would name only the first
+    one's. Elsewhere, the methods some route at this path answers."""
+    path = scope["path"]
+    best: tuple[int, list[str]] | None = None
+    for template, operations in app.openapi()["paths"].items():
+        pattern = "^" + re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            literal = len([part for part in template.split("/") if part and not part.startswith("{")])
+            if best is None or literal > best[0]:
+                best = (literal, sorted(m.upper() for m in operations if m.upper() in _METHODS))
+    if best is not None:
+        return best[1]
+    allowed: set[str] = set()
+    for method in _METHODS:
+        for route in app.router.routes:
+            match, _ = route.matches({**scope, "method": method})
+            if match == Match.FULL:
+                allowed.add(method)
+                break
+    return sorted(allowed)
+
+
 def create_app(
     settings: Settings,
     plugins: PluginSystem,
@@ -159,6 +202,9 @@ def create_app(
         title="qrm",
         version=__version__,
         description="qrm REST API: storage servers, boot and filesystem images, virtual environments, resources.",
+        # /docs is served by the console with Swagger UI's files from the wheel (no CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.plugins = plugins
@@ -167,9 +213,17 @@ def create_app(
     app.state.enrollment = EnrollmentCache()
     app.state.metrics = Metrics(settings)
 
+    @app.exception_handler(console.NotLoggedIn)
+    async def not_logged_in(request: Request, _exc: console.NotLoggedIn) -> Response:
+        return console.not_logged_in(request)
+
     @app.exception_handler(QrmError)
-    async def qrm_error(_request: Request, exc: QrmError) -> JSONResponse:
+    async def qrm_error(request: Request, exc: QrmError) -> Response:
+        if console.wants_html(request):
+            return console.error_page(request, exc.http_status, exc.message)
         headers = {"WWW-Authenticate": 'Basic realm="qrm"'} if exc.http_status == 401 else None
+        if exc.http_status == 429 and "retry_after" in exc.details:
+            headers = {"Retry-After": str(exc.details["retry_after"])}
         return JSONResponse(
             error_body(exc.code, exc.message, exc.details or None),
             status_code=exc.http_status,
@@ -177,26 +231,47 @@ def create_app(
         )
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = (
             f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
         )
+        if console.wants_html(request):
+            return console.error_page(request, 422, message)
         return JSONResponse(error_body("invalid_input", message), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        if console.wants_html(request):
+            shown = "there is no such page" if exc.status_code == 404 else str(exc.detail)
+            return console.error_page(request, exc.status_code, shown)
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
-    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error")
+        if console.wants_html(request):
+            return console.error_page(
+                request, 500, f"internal error ({type(exc).__name__}); the server's log has the details"
+            )
         return JSONResponse(
             error_body("internal_error", f"internal error: {type(exc).__name__}"), status_code=500
         )
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document.build(app, plugins)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    # Bodies limited per route before they are read (inside the access log, so a 413 is logged).
+    app.add_middleware(BodyLimit, settings=settings, fastapi_app=app)
     app.add_middleware(AccessLog)
     # The agent endpoints first: they take most of the requests, and routes are
     # matched in order (the paths of the two routers do not overlap).
@@ -214,4 +289,6 @@ def create_app(
 
     for name, exc in plugins.hooks.register_routers(app):
         plugins.mark_broken(name, exc)
+    # The console last: its pages are at the top level (/, /resources, ...).
+    console.install(app)
     return app

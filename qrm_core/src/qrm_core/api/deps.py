@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlmodel import select
+from fastapi import Depends, Request, Security
+from fastapi.security.http import HTTPBase
 
 from qrm_core.errors import AuthError, Forbidden
-from qrm_core.models import Role, User
+from qrm_core.models import Role
 from qrm_core.services import ServiceContext, service_context, tokens, users
 
 ROLE_RANK = {Role.VIEWER.value: 0, Role.OPERATOR.value: 1, Role.ADMIN.value: 2}
@@ -83,20 +83,48 @@ def _authenticate(request: Request) -> Principal:
                 name, _, password = base64.b64decode(value.strip()).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 raise AuthError("malformed basic credentials") from None
-            row = ctx.session.exec(select(User).where(User.name == name)).first()
-            if row is None or not password_cache.check(name, password, row.password_hash):
-                raise AuthError("wrong user name or password")
-            return Principal(name=row.name, role=row.role, via="password")
+            user = users.authenticate(
+                ctx,
+                name,
+                password,
+                address=request.client.host if request.client else None,
+                via="API",
+                verify=lambda row, given: password_cache.check(row.name, given, row.password_hash),
+            )
+            return Principal(name=user.name, role=user.role, via="password")
         if scheme.lower() == "bearer" and value.strip():
             user = tokens.authenticate(ctx, value.strip())
             return Principal(name=user.name, role=user.role, via="token")
     raise AuthError("authentication required (HTTP basic with user and password, or a bearer API token)")
 
 
-def require(role: Role) -> Callable[[Request], Principal]:
+class _Scheme(HTTPBase):
+    """A security scheme for the OpenAPI document (``securitySchemes``, and each
+    operation's ``security`` with the role it needs). It reads nothing:
+    :func:`_authenticate` checks the credentials, UTF-8 passwords included."""
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        return None
+
+
+_password_scheme = _Scheme(
+    scheme="basic", scheme_name="basicAuth", description="a qrm user's name and password"
+)
+_token_scheme = _Scheme(
+    scheme="bearer",
+    scheme_name="apiToken",
+    description="an API token (qrm token create, POST /api/v1/auth/tokens)",
+)
+
+
+def require(role: Role) -> Callable[..., Principal]:
     """A dependency admitting users of ``role`` or higher."""
 
-    def dependency(request: Request) -> Principal:
+    def dependency(
+        request: Request,
+        _password: None = Security(_password_scheme, scopes=[role.value]),
+        _token: None = Security(_token_scheme, scopes=[role.value]),
+    ) -> Principal:
         principal = _authenticate(request)
         if ROLE_RANK[principal.role] < ROLE_RANK[role.value]:
             raise Forbidden(

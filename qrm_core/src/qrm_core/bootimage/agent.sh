@@ -10,10 +10,23 @@
 #      the per-resource token it answers;
 #   3. POST /agent/v1/heartbeat every interval with state and load; obey the
 #      command of the answer: none, reboot (reboot -f) or halt (poweroff -f);
-#   4. qrm.mode=ve: fetch the VE's root filesystem archive (qrm.rootfs=URL)
-#      into a tmpfs, put busybox and this agent into it, switch_root, and
-#      continue there as PID 1: register with mode "ve", run the VE's
-#      /etc/qrm/ve-start, report "active".
+#   4. qrm.mode=ve: make the VE's root filesystem /newroot, put busybox and
+#      this agent into it (a tmpfs on /qrm), switch_root, and continue there as
+#      PID 1: register with mode "ve", run the VE's /etc/qrm/ve-start, report
+#      "active". The root is one of (the storage driver's kernel arguments):
+#        - an archive fetched into a tmpfs (qrm.rootfs=URL, qrm.rootfs_size=MB);
+#        - NFS (root=/dev/nfs nfsroot=ADDR:PATH[,vers=3,tcp]): the client
+#          modules are loaded and busybox mount hands the kernel its string
+#          options (nolock, addr=ADDR);
+#        - iSCSI (qrm.iscsi=ADDR:PORT:LUN:TARGET qrm.initiator=IQN
+#          rootfstype=ext4): the initiator modules are loaded, the CHAP
+#          credentials are fetched from the server over the agent's
+#          authenticated channel (POST /agent/v1/root-secrets; never on the
+#          kernel command line), iscsistart logs in, the LUN's disk is mounted;
+#      read-write (rw) for a single machine, or read-only (ro) with
+#      qrm.overlay=tmpfs: the image below an overlay whose writable layer is
+#      in RAM (shared pools: the image stays pristine). A root that cannot be
+#      made is reported as heartbeat state "failed" with the reason.
 #
 # Rules this script keeps:
 #   * It never exits while it is PID 1 (the kernel panics when init exits):
@@ -33,7 +46,8 @@
 #   QRM_AGENT_HALT      command run for "halt" (default: poweroff -f)
 # udhcpc calls back into this script (agent.sh --dhcp-event EVENT).
 # `agent.sh --json < FILE` prints the top-level members of a JSON object as
-# "key<TAB>type<TAB>value" lines (for tests; refused as PID 1).
+# "key<TAB>type<TAB>value" lines (for tests; refused as PID 1), and
+# `agent.sh --root-plan` what a VE boot with QRM_AGENT_CMDLINE would mount.
 
 QRM_AGENT_VERSION=0.1.0
 umask 022
@@ -57,6 +71,15 @@ MODE=idle
 VE=
 ROOTFS=
 ROOTFS_SIZE=
+ROOT_ARG=
+NFSROOT=
+ISCSI=
+INITIATOR=
+FSTYPE=ext4
+ROOT_MODE=rw
+OVERLAY=
+ROOT_KIND=
+ROOT_ERROR=
 IFACE=
 RESOURCE_ID=
 TOKEN=
@@ -124,6 +147,32 @@ is_ipv4() {
 is_hostname() {
 	case $1 in '' | -* | *- | *[!A-Za-z0-9-]*) return 1 ;; esac
 	[ ${#1} -le 63 ]
+}
+
+# An absolute path of safe characters, no "." or ".." part (what a storage driver exports).
+is_path() {
+	case $1 in /*) ;; *) return 1 ;; esac
+	case $1 in *[!A-Za-z0-9._/-]* | */../* | */.. | */./* | */. | *//*) return 1 ;; esac
+	[ ${#1} -le 1024 ]
+}
+
+# An iSCSI qualified name (iqn.YYYY-MM.reversed.domain[:anything safe]).
+is_iqn() {
+	case $1 in iqn.[0-9][0-9][0-9][0-9]-[0-9][0-9].?*) ;; *) return 1 ;; esac
+	case $1 in *[!A-Za-z0-9.:_-]*) return 1 ;; esac
+	[ ${#1} -le 223 ]
+}
+
+# NFS mount options the agent passes on: word or word=value, lower case, digits, dots.
+is_nfs_options() {
+	case $1 in '') return 0 ;; *[!a-z0-9.=,_]* | ,* | *, | *,,*) return 1 ;; esac
+	[ ${#1} -le 200 ]
+}
+
+# A root-filesystem secret from the server (CHAP user or password).
+is_secret() {
+	case $1 in '' | *[!A-Za-z0-9._~+/=@:-]*) return 1 ;; esac
+	[ ${#1} -le 255 ]
 }
 
 # ---------------------------------------------------------------------------
@@ -270,10 +319,20 @@ http_post() {
 	rm -f "$RUN/answer" "$RUN/answer.kv" "$RUN/headers"
 	HTTP_STATUS=
 	HTTP_ERROR=
-	timeout "$HTTP_TIMEOUT" wget -q -S -O "$RUN/answer" \
-		--header "Content-Type: application/json" \
-		--header "Authorization: Bearer $2" \
-		--post-data "$3" "$1" 2>"$RUN/headers"
+	# $4: this machine's current per-resource token, proof that a registration
+	# comes from the agent the server knows (docs/agent-protocol.md).
+	if [ -n "$4" ]; then
+		timeout "$HTTP_TIMEOUT" wget -q -S -O "$RUN/answer" \
+			--header "Content-Type: application/json" \
+			--header "Authorization: Bearer $2" \
+			--header "X-Qrm-Agent-Token: $4" \
+			--post-data "$3" "$1" 2>"$RUN/headers"
+	else
+		timeout "$HTTP_TIMEOUT" wget -q -S -O "$RUN/answer" \
+			--header "Content-Type: application/json" \
+			--header "Authorization: Bearer $2" \
+			--post-data "$3" "$1" 2>"$RUN/headers"
+	fi
 	rc=$?
 	HTTP_STATUS=$(sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$RUN/headers" | tail -n 1)
 	if [ -z "$HTTP_STATUS" ]; then
@@ -354,6 +413,14 @@ read_cmdline() {
 		qrm.ve=*) VE=${arg#*=} ;;
 		qrm.rootfs=*) ROOTFS=${arg#*=} ;;
 		qrm.rootfs_size=*) ROOTFS_SIZE=${arg#*=} ;;
+		root=*) ROOT_ARG=${arg#*=} ;;
+		nfsroot=*) NFSROOT=${arg#*=} ;;
+		qrm.iscsi=*) ISCSI=${arg#*=} ;;
+		qrm.initiator=*) INITIATOR=${arg#*=} ;;
+		rootfstype=*) FSTYPE=${arg#*=} ;;
+		qrm.overlay=*) OVERLAY=${arg#*=} ;;
+		ro) ROOT_MODE=ro ;;
+		rw) ROOT_MODE=rw ;;
 		esac
 	done
 	set +f
@@ -388,6 +455,68 @@ read_cmdline() {
 		ROOTFS_SIZE=
 	fi
 	case $VE in *[!A-Za-z0-9._-]*) VE=invalid ;; esac
+	read_root_args
+}
+
+# Which root the VE has, from the storage driver's arguments; ROOT_ERROR when
+# they are malformed (the VE is then reported failed, never booted half-way).
+read_root_args() {
+	ROOT_KIND=
+	ROOT_ERROR=
+	case $OVERLAY in '' | tmpfs) ;; *)
+		ROOT_ERROR="unknown qrm.overlay=$OVERLAY (only tmpfs)"
+		OVERLAY=
+		;;
+	esac
+	case $FSTYPE in ext4 | ext3 | ext2 | xfs | btrfs) ;; *)
+		ROOT_ERROR="unsupported rootfstype=$FSTYPE"
+		FSTYPE=ext4
+		;;
+	esac
+	if [ -n "$ROOTFS" ]; then
+		ROOT_KIND=archive
+	elif [ "$ROOT_ARG" = /dev/nfs ] || { [ -n "$NFSROOT" ] && [ -z "$ISCSI" ]; }; then
+		ROOT_KIND=nfs
+		NFS_SERVER=${NFSROOT%%:*}
+		rest=${NFSROOT#*:}
+		NFS_PATH=${rest%%,*}
+		NFS_OPTIONS=
+		case $rest in *,*) NFS_OPTIONS=${rest#*,} ;; esac
+		if [ -z "$NFSROOT" ] || [ "$rest" = "$NFSROOT" ] || ! is_ipv4 "$NFS_SERVER" ||
+			! is_path "$NFS_PATH" || ! is_nfs_options "$NFS_OPTIONS"; then
+			ROOT_ERROR="invalid nfsroot=$NFSROOT (ADDRESS:/PATH[,OPTIONS] expected)"
+			ROOT_KIND=
+		fi
+	elif [ -n "$ISCSI" ]; then
+		ROOT_KIND=iscsi
+		old_ifs=$IFS
+		IFS=:
+		# shellcheck disable=SC2086
+		set -f
+		set -- $ISCSI
+		set +f
+		IFS=$old_ifs
+		ISCSI_ADDR=${1:-}
+		ISCSI_PORT=${2:-}
+		ISCSI_LUN=${3:-}
+		ISCSI_TARGET=${ISCSI#*:*:*:}
+		if [ $# -lt 4 ] || ! is_ipv4 "$ISCSI_ADDR" || ! is_uint "$ISCSI_PORT" ||
+			[ "$ISCSI_PORT" -lt 1 ] || [ "$ISCSI_PORT" -gt 65535 ] || ! is_uint "$ISCSI_LUN" ||
+			[ "$ISCSI_LUN" -gt 16383 ] || ! is_iqn "$ISCSI_TARGET"; then
+			ROOT_ERROR="invalid qrm.iscsi=$ISCSI (ADDRESS:PORT:LUN:TARGET-IQN expected)"
+			ROOT_KIND=
+		fi
+		if [ -n "$INITIATOR" ] && ! is_iqn "$INITIATOR"; then
+			ROOT_ERROR="invalid qrm.initiator=$INITIATOR (an iqn. name expected)"
+			ROOT_KIND=
+		fi
+	fi
+	if [ -n "$OVERLAY" ] && [ "$ROOT_KIND" != nfs ] && [ "$ROOT_KIND" != iscsi ]; then
+		OVERLAY=
+	fi
+	[ -n "$OVERLAY" ] && ROOT_MODE=ro
+	# Nothing above ever reaches a shell unquoted; errors are shown cut and filtered.
+	ROOT_ERROR=$(printf '%s' "$ROOT_ERROR" | tr -cd 'A-Za-z0-9 .,:;/()_=+-' | cut -c1-160)
 }
 
 # ---------------------------------------------------------------------------
@@ -656,6 +785,34 @@ dhcp_event() {
 # The protocol
 # ---------------------------------------------------------------------------
 
+# The hypervisors this machine offers qrm, as a JSON array: a VE that runs a
+# libvirt daemon (its socket is there) is a host for qrm's libvirt plugins -
+# "xen" in a Xen dom0, "qemu" where QEMU is installed. Registered with the
+# machine (its capabilities); registered again when it changes.
+LIBVIRT_SOCKETS="/run/libvirt/libvirt-sock /run/libvirt/virtqemud-sock /run/libvirt/virtxend-sock"
+XEN_CAPABILITIES=/proc/xen/capabilities
+QEMU_BINARIES="/usr/bin/qemu-system-x86_64 /usr/bin/qemu-system-i386 /usr/bin/qemu-system-aarch64 /usr/libexec/qemu-kvm"
+HYPERVISORS="[]"
+detect_hypervisors() {
+	found=
+	daemon=0
+	for socket in $LIBVIRT_SOCKETS; do
+		[ -S "$socket" ] && daemon=1
+	done
+	if [ $daemon -eq 1 ]; then
+		if [ -r "$XEN_CAPABILITIES" ] && grep -q control_d "$XEN_CAPABILITIES" 2>/dev/null; then
+			found='"xen"'
+		fi
+		for binary in $QEMU_BINARIES; do
+			if [ -x "$binary" ]; then
+				found="${found:+$found, }\"qemu\""
+				break
+			fi
+		done
+	fi
+	printf '[%s]' "$found"
+}
+
 register() {
 	if [ -z "$SERVER" ]; then
 		log "no qrm.server on the kernel command line; cannot register"
@@ -667,9 +824,15 @@ register() {
 	if [ -n "$ip" ]; then ip="\"$ip\""; else ip=null; fi
 	ve=null
 	[ "$MODE" = ve ] && [ -n "$VE" ] && ve="\"$VE\""
-	body=$(printf '{"mac": "%s", "ip": %s, "cpus": %s, "memory_mb": %s, "hostname": %s, "hypervisors": [], "boot_generation": %s, "mode": "%s", "ve": %s}' \
-		"$MAC" "$ip" "$(count_cpus)" "$(memory_mb)" "$host" "$GEN" "$MODE" "$ve")
-	if ! http_post "$SERVER/agent/v1/register" "$ENROLL" "$body"; then
+	HYPERVISORS=$(detect_hypervisors)
+	body=$(printf '{"mac": "%s", "ip": %s, "cpus": %s, "memory_mb": %s, "hostname": %s, "hypervisors": %s, "boot_generation": %s, "mode": "%s", "ve": %s}' \
+		"$MAC" "$ip" "$(count_cpus)" "$(memory_mb)" "$host" "$HYPERVISORS" "$GEN" "$MODE" "$ve")
+	# The token this machine holds (or held before switch_root): registering
+	# again while alive keeps the identity only with it.
+	proof=$TOKEN
+	[ -z "$proof" ] && [ -s "$RUN/token" ] && proof=$(cat "$RUN/token")
+	is_token "$proof" || proof=
+	if ! http_post "$SERVER/agent/v1/register" "$ENROLL" "$body" "$proof"; then
 		log "register: $SERVER is not reachable: $HTTP_ERROR"
 		return 1
 	fi
@@ -677,6 +840,10 @@ register() {
 	200) ;;
 	401)
 		log "register: refused (401): the enrollment token (qrm.enroll) is wrong"
+		return 1
+		;;
+	409)
+		log "register: refused (409): the server still hears this machine's agent; trying again later"
 		return 1
 		;;
 	*)
@@ -804,9 +971,50 @@ agent_loop() {
 				continue
 			fi
 		fi
+		# A VE that started a libvirt daemon (ve-start) is a hypervisor host now: tell the server.
+		if [ "$STAGE" = ve ] && [ "$(detect_hypervisors)" != "$HYPERVISORS" ]; then
+			log "hypervisors offered: $(detect_hypervisors); registering again"
+			register || TOKEN=
+		fi
+		[ "$STAGE" = ve ] && [ $VE_STARTED -eq 1 ] && check_root
 		heartbeat
 		sleep "$INTERVAL"
 	done
+}
+
+# A VE on a network root whose storage went away must not claim to run: before
+# each heartbeat, ask the root's server something the client cannot answer from
+# its caches (NFS: statfs; iSCSI: one block read past the page cache). No
+# answer within 15 s: heartbeat state "failed" with the reason; an answer
+# again: "active". The agent itself runs from RAM, so it can always say so.
+check_root() {
+	case $ROOT_KIND in
+	nfs)
+		where=/
+		[ -n "$OVERLAY" ] && where=/run/qrm/lower
+		probe() { timeout -s KILL 15 stat -f "$where" >/dev/null 2>&1; }
+		what="nfs $NFS_SERVER:$NFS_PATH"
+		;;
+	iscsi)
+		probe() {
+			disk=$(iscsi_disk) || return 1
+			timeout -s KILL 15 dd if="/dev/$disk" of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null
+		}
+		what="iscsi $ISCSI_TARGET on $ISCSI_ADDR:$ISCSI_PORT"
+		;;
+	*) return 0 ;;
+	esac
+	if probe; then
+		if [ "$STATE" = failed ]; then
+			log "the root filesystem ($what) answers again"
+			STATE=active
+			REASON=
+		fi
+	elif [ "$STATE" != failed ]; then
+		STATE=failed
+		REASON="the root filesystem ($what) does not answer"
+		log "$REASON; reporting failure"
+	fi
 }
 
 # ---------------------------------------------------------------------------
@@ -844,14 +1052,210 @@ fetch_rootfs() {
 	return 1
 }
 
+# ---------------------------------------------------------------------------
+# Virtual environments whose root filesystem is on the network (NFS, iSCSI)
+# ---------------------------------------------------------------------------
+
+# Undo what an earlier attempt left mounted (a retry starts from scratch).
+release_root() {
+	for point in /newroot /qrm-rw /qrm-lower; do
+		grep -q " $point " /proc/mounts 2>/dev/null && umount "$point" 2>/dev/null
+	done
+	mkdir -p /newroot /qrm-rw /qrm-lower
+}
+
+# The first line of a failed command's output, in characters a reason may hold.
+first_error() {
+	grep -v '^ *$' "$1" 2>/dev/null | tail -n 1 | tr -cd 'A-Za-z0-9 .,:;/()_=+-' | cut -c1-120
+}
+
+# mount_image FSTYPE DEVICE OPTIONS: mount a root image where it belongs
+# (/newroot, or /qrm-lower below an overlay), then the overlay.
+mount_image() {
+	point=/newroot
+	[ -n "$OVERLAY" ] && point=/qrm-lower
+	if ! timeout -s KILL 90 mount -t "$1" -o "$3" "$2" "$point" >"$RUN/mount.err" 2>&1; then
+		why=$(first_error "$RUN/mount.err")
+		ROOT_ERROR="${why:-mount timed out}"
+		return 1
+	fi
+	[ -n "$OVERLAY" ] || return 0
+	load_module overlay
+	opts=mode=0755
+	[ -n "$ROOTFS_SIZE" ] && opts="$opts,size=${ROOTFS_SIZE}m"
+	if ! mount -t tmpfs -o "$opts" qrm-overlay /qrm-rw; then
+		ROOT_ERROR="cannot mount a tmpfs for the writable layer"
+		return 1
+	fi
+	mkdir -p /qrm-rw/upper /qrm-rw/work
+	if ! mount -t overlay -o lowerdir=/qrm-lower,upperdir=/qrm-rw/upper,workdir=/qrm-rw/work qrm-root /newroot \
+		>"$RUN/mount.err" 2>&1; then
+		ROOT_ERROR="cannot mount the overlay: $(first_error "$RUN/mount.err")"
+		return 1
+	fi
+	log "the image is read-only below a writable layer in RAM (overlay)"
+	return 0
+}
+
+mount_nfs_root() {
+	release_root
+	options=$ROOT_MODE,nolock,addr=$NFS_SERVER
+	version=3
+	old_ifs=$IFS
+	IFS=,
+	set -f
+	for option in $NFS_OPTIONS; do
+		case $option in
+		tcp | udp) options="$options,proto=$option" ;;
+		vers=* | nfsvers=*)
+			version=${option#*=}
+			options="$options,vers=$version"
+			;;
+		nolock | rw | ro | addr=*) ;;
+		*) options="$options,$option" ;;
+		esac
+	done
+	set +f
+	IFS=$old_ifs
+	case $version in 4*) load_module nfsv4 ;; *) load_module nfsv3 ;; esac
+	log "mounting the VE root filesystem $NFS_SERVER:$NFS_PATH over NFS ($options)"
+	if ! mount_image nfs "$NFS_SERVER:$NFS_PATH" "$options"; then
+		ROOT_ERROR="nfs $NFS_SERVER:$NFS_PATH: $ROOT_ERROR"
+		return 1
+	fi
+	return 0
+}
+
+# fetch_root_secrets: the root's credentials (CHAP) from the server, over the
+# agent's own authenticated channel; ROOT_USER and ROOT_PASSWORD, or empty.
+fetch_root_secrets() {
+	ROOT_USER=
+	ROOT_PASSWORD=
+	if [ -z "$TOKEN" ]; then
+		register || {
+			ROOT_ERROR="cannot register with the server to fetch the credentials of the root"
+			return 1
+		}
+	fi
+	body=$(printf '{"resource_id": %s, "boot_generation": %s}' "$RESOURCE_ID" "$GEN")
+	if ! http_post "$SERVER/agent/v1/root-secrets" "$TOKEN" "$body"; then
+		ROOT_ERROR="cannot fetch the credentials of the root: $HTTP_ERROR"
+		return 1
+	fi
+	if [ "$HTTP_STATUS" != 200 ] || ! json_parse "$RUN/answer"; then
+		rm -f "$RUN/answer" "$RUN/answer.kv"
+		[ "$HTTP_STATUS" = 401 ] && TOKEN=
+		ROOT_ERROR="the server refused the credentials of the root (HTTP $HTTP_STATUS)"
+		return 1
+	fi
+	user=$(kv "$RUN/answer" string chap_username)
+	password=$(kv "$RUN/answer" string chap_password)
+	rm -f "$RUN/answer" "$RUN/answer.kv"
+	if [ -n "$user$password" ] && { ! is_secret "$user" || ! is_secret "$password"; }; then
+		ROOT_ERROR="malformed credentials for the root from the server"
+		return 1
+	fi
+	ROOT_USER=$user
+	ROOT_PASSWORD=$password
+	return 0
+}
+
+# The block device of LUN $ISCSI_LUN in the session with $ISCSI_TARGET.
+iscsi_disk() {
+	for session in /sys/class/iscsi_session/session*; do
+		[ -r "$session/targetname" ] || continue
+		read -r name <"$session/targetname"
+		[ "$name" = "$ISCSI_TARGET" ] || continue
+		for block in "$session"/device/target*/*:*:*:"$ISCSI_LUN"/block/*; do
+			[ -e "$block" ] && echo "${block##*/}" && return 0
+		done
+	done
+	return 1
+}
+
+mount_iscsi_root() {
+	release_root
+	if [ ! -x /usr/sbin/iscsistart ]; then
+		ROOT_ERROR="this boot image has no iSCSI initiator (build it on a host with open-iscsi installed)"
+		return 1
+	fi
+	initiator=$INITIATOR
+	[ -n "$initiator" ] || initiator="iqn.2026-12.org.qrm:$(echo "$MAC" | tr -d :)"
+	for module in iscsi_tcp sd_mod "$FSTYPE"; do
+		is_loaded "$module" || load_module "$module"
+	done
+	fetch_root_secrets || return 1
+	where="iscsi $ISCSI_TARGET on $ISCSI_ADDR:$ISCSI_PORT"
+	if ! iscsi_disk >/dev/null; then
+		log "logging in to $ISCSI_TARGET at $ISCSI_ADDR:$ISCSI_PORT as $initiator${ROOT_USER:+ (CHAP user $ROOT_USER)}"
+		set -- -i "$initiator" -t "$ISCSI_TARGET" -g 1 -a "$ISCSI_ADDR" -p "$ISCSI_PORT"
+		[ -n "$ROOT_USER" ] && set -- "$@" -u "$ROOT_USER" -w "$ROOT_PASSWORD"
+		timeout -s KILL 90 iscsistart "$@" >"$RUN/iscsi.log" 2>&1
+		rc=$?
+		ROOT_PASSWORD=
+		set --
+		if [ $rc -ne 0 ]; then
+			why=$(grep -i -e error -e fail -e "not found" "$RUN/iscsi.log" | tail -n 1 |
+				sed 's/^iscsistart: *//' | tr -cd 'A-Za-z0-9 .,:;/()_=+-' | cut -c1-120)
+			ROOT_ERROR="$where: login failed: ${why:-exit status $rc}"
+			return 1
+		fi
+	fi
+	ROOT_PASSWORD=
+	tries=0
+	while ! disk=$(iscsi_disk); do
+		tries=$((tries + 1))
+		if [ $tries -gt 40 ]; then
+			ROOT_ERROR="$where: the target has no LUN $ISCSI_LUN"
+			return 1
+		fi
+		sleep 0.25
+	done
+	log "iSCSI LUN $ISCSI_LUN of $ISCSI_TARGET is /dev/$disk; mounting it ($FSTYPE, $ROOT_MODE)"
+	if ! mount_image "$FSTYPE" "/dev/$disk" "$ROOT_MODE"; then
+		ROOT_ERROR="$where: LUN $ISCSI_LUN (/dev/$disk): $ROOT_ERROR"
+		return 1
+	fi
+	return 0
+}
+
+# make_root: the VE's root filesystem at /newroot; ROOT_ERROR says why not.
+make_root() {
+	if [ -n "$ROOT_ERROR" ]; then return 1; fi
+	case $ROOT_KIND in
+	archive)
+		fetch_rootfs && return 0
+		ROOT_ERROR=$ROOTFS_ERROR
+		return 1
+		;;
+	nfs) mount_nfs_root ;;
+	iscsi) mount_iscsi_root ;;
+	*)
+		ROOT_ERROR="no root filesystem on the command line (qrm.rootfs, nfsroot or qrm.iscsi)"
+		return 1
+		;;
+	esac
+}
+
 switch_to_ve() {
-	mkdir -p /newroot/qrm/bin /newroot/proc /newroot/sys /newroot/dev /newroot/run /newroot/tmp /newroot/etc
+	mkdir -p /newroot/qrm /newroot/proc /newroot/sys /newroot/dev /newroot/run /newroot/tmp /newroot/etc
+	# The agent and busybox live in RAM, as does /run: nothing of this boot lands in the image.
+	mount -t tmpfs -o mode=0755,size=16m qrm-agent /newroot/qrm
+	mount -t tmpfs -o mode=0755 qrm-run /newroot/run
+	if [ -n "$OVERLAY" ]; then
+		# The image below the overlay, where the VE (and the agent's root check) can see it.
+		mkdir -p /newroot/run/qrm/lower
+		mount -o move /qrm-lower /newroot/run/qrm/lower || log "cannot move the image below the overlay into the VE"
+	fi
+	mkdir -p /newroot/qrm/bin
 	cp /bin/busybox /newroot/qrm/bin/busybox
 	cp "$0" /newroot/qrm/agent.sh
 	chmod 0755 /newroot/qrm/bin/busybox /newroot/qrm/agent.sh
 	[ -f /etc/resolv.conf ] && [ ! -e /newroot/etc/resolv.conf ] && cp /etc/resolv.conf /newroot/etc/resolv.conf
 	mkdir -p /newroot/run/qrm
 	current_ip >/newroot/run/qrm/ip
+	# The VE's agent proves with it that it is this machine when it registers.
+	[ -s "$RUN/token" ] && (umask 077 && cp "$RUN/token" /newroot/run/qrm/token)
 	[ -f "$RUN/hostname" ] && cp "$RUN/hostname" /newroot/run/qrm/hostname
 	[ -f "$RUN/udhcpc.pid" ] && kill "$(cat "$RUN/udhcpc.pid")" 2>/dev/null
 	log "switching to the VE root filesystem ($VE)"
@@ -913,19 +1317,18 @@ stage_initrd() {
 		if [ "$$" -ne 1 ]; then
 			log "qrm.mode=ve needs to run as /init (PID 1); staying idle"
 			MODE=idle
-		elif [ -z "$ROOTFS" ]; then
-			log "qrm.mode=ve without qrm.rootfs: this boot image boots only VEs whose root is an archive in RAM"
 		fi
 		backoff=5
 		while [ "$MODE" = ve ]; do
-			if [ -n "$ROOTFS" ] && fetch_rootfs; then
+			if make_root; then
 				switch_to_ve
 			fi
-			if [ -n "$ROOTFS" ]; then
-				report_failure "cannot fetch the root filesystem of virtual environment ${VE:-?} ($ROOTFS_ERROR)"
+			if [ "$ROOT_KIND" = archive ]; then
+				report_failure "cannot fetch the root filesystem of virtual environment ${VE:-?} ($ROOT_ERROR)"
 			else
-				report_failure "this boot image boots only virtual environments whose root is an archive (no qrm.rootfs)"
+				report_failure "cannot mount the root filesystem of virtual environment ${VE:-?} ($ROOT_ERROR)"
 			fi
+			read_root_args
 			log "cannot boot virtual environment ${VE:-?}; retrying in $backoff s"
 			sleep $backoff
 			backoff=$((backoff * 2))
@@ -969,6 +1372,18 @@ main() {
 		if json_parse "$tmp"; then cat "$tmp.kv"; rc=0; else rc=1; fi
 		rm -f "$tmp" "$tmp.kv"
 		exit $rc
+	fi
+	if [ "${1:-}" = --root-plan ] && [ "$$" -ne 1 ]; then
+		# What a VE boot would mount, from QRM_AGENT_CMDLINE (for tests).
+		read_cmdline 2>/dev/null
+		case $ROOT_KIND in
+		nfs) where="$NFS_SERVER:$NFS_PATH options=$NFS_OPTIONS" ;;
+		iscsi) where="$ISCSI_ADDR:$ISCSI_PORT lun=$ISCSI_LUN target=$ISCSI_TARGET initiator=$INITIATOR fstype=$FSTYPE" ;;
+		archive) where="$ROOTFS" ;;
+		*) where= ;;
+		esac
+		printf 'kind=%s mode=%s overlay=%s %s\nerror=%s\n' "$ROOT_KIND" "$ROOT_MODE" "$OVERLAY" "$where" "$ROOT_ERROR"
+		exit 0
 	fi
 	if [ "${1:-}" = --stage=ve ]; then
 		stage_ve

@@ -13,6 +13,8 @@ reboot and halt, and boots the machine into its virtual environment. Layout::
     /etc/qrm/modules.nic           NIC drivers, in load order (fallback when coldplug finds none)
     /etc/qrm/modules.alias         module, ERE, literal prefix: for coldplug matching
     /lib/modules/KVER/...          the selected modules, uncompressed, plus modules.dep/alias
+    /usr/sbin/iscsistart           open-iscsi's boot-time initiator (iSCSI roots), with the
+    /lib/..., /lib64/...           shared libraries it needs, where the build host has it
 
 Everything is written through :class:`~qrm_core.bootimage.cpio.Archive`, so
 the same kernel, busybox, agent and module selection give the same bytes.
@@ -44,6 +46,9 @@ Progress = Callable[[str, int, int], None]
 
 PROGRESS_TOTAL = 1000
 DEFAULT_BUSYBOX = Path("/bin/busybox")
+#: open-iscsi's initiator for the boot (it logs in and leaves the session to the kernel).
+DEFAULT_ISCSISTART = Path("/usr/sbin/iscsistart")
+ISCSISTART_PATH = "usr/sbin/iscsistart"
 DEFAULT_CMDLINE = "console=tty0 console=ttyS0,115200n8 panic=10"
 #: Applets the agent uses; a busybox without one of them cannot boot a machine.
 REQUIRED_APPLETS = (
@@ -90,6 +95,7 @@ class BuildResult:
     :ivar modules: Modules in the initrd, in load order.
     :ivar missing_modules: Requested modules this kernel does not have.
     :ivar origin: Where the kernel came from.
+    :ivar iscsi_initiator: Path of the iSCSI initiator in the initrd, if any.
     """
 
     kernel_version: str
@@ -101,6 +107,9 @@ class BuildResult:
     missing_modules: list[str]
     origin: str
     nic_modules: list[str] = field(default_factory=list)
+    #: The iSCSI initiator in the initrd (None: the build host has no open-iscsi, so
+    #: this image cannot boot iSCSI roots).
+    iscsi_initiator: str | None = None
 
 
 class _Reporter:
@@ -182,6 +191,51 @@ def busybox_applets(busybox: Path) -> list[str]:
     if lacking:
         raise InvalidInput(f"{busybox} lacks applet(s) the node agent needs: {', '.join(lacking)}")
     return applets
+
+
+# ---------------------------------------------------------------------------
+# dynamically linked programs (the iSCSI initiator)
+# ---------------------------------------------------------------------------
+
+
+def shared_libraries(program: Path) -> list[str]:
+    """The absolute paths of the shared libraries ``program`` loads (its program
+    interpreter included), as the build host's dynamic loader resolves them."""
+    try:
+        done = subprocess.run(["ldd", str(program)], capture_output=True, text=True, timeout=30, check=False)
+    except OSError as exc:
+        raise InvalidInput(f"cannot run ldd on {program}: {exc.strerror}") from None
+    if done.returncode != 0:
+        raise InvalidInput(f"ldd {program} failed: {(done.stderr or done.stdout).strip()[:200]}")
+    found: list[str] = []
+    for line in done.stdout.splitlines():
+        line = line.strip()
+        if "=>" in line:
+            name, _, rest = line.partition("=>")
+            path = rest.strip().split(" ", 1)[0]
+            if path == "not":
+                raise InvalidInput(f"{program} needs {name.strip()}, which this host does not have")
+        else:
+            path = line.split(" ", 1)[0]
+        if path.startswith("/") and path not in found:
+            found.append(path)
+    return found
+
+
+def add_program(archive: Archive, program: Path, shipped: str) -> None:
+    """Add a dynamically linked program at ``shipped`` with every library it loads, each at
+    the path the loader looks for it (the real file behind any symbolic link)."""
+    for library in shared_libraries(program):
+        relative = library.lstrip("/")
+        parent = relative.rsplit("/", 1)[0]
+        parts = parent.split("/")
+        for depth in range(1, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            if directory not in archive:
+                archive.add_dir(directory, 0o755)
+        if relative not in archive:
+            archive.add_file(relative, source=Path(os.path.realpath(library)), mode=0o755)
+    archive.add_file(shipped, source=program, mode=0o755)
 
 
 # ---------------------------------------------------------------------------
@@ -273,8 +327,13 @@ def assemble(
     extra_modules: Iterable[str] = (),
     agent: bytes | None = None,
     progress: Progress | None = None,
+    iscsistart: Path | None = DEFAULT_ISCSISTART,
 ) -> tuple[Archive, Selection]:
-    """Describe the initrd of ``tree`` (nothing is compressed yet)."""
+    """Describe the initrd of ``tree`` (nothing is compressed yet).
+
+    ``iscsistart``: open-iscsi's boot initiator, added with its libraries when
+    the file exists (``None``: leave it out); without it the image boots every
+    root but iSCSI."""
     report = _Reporter(progress)
     applets = busybox_applets(busybox)  # fail fast, before the expensive part
     report("computing module dependencies", 0.10)
@@ -322,11 +381,17 @@ def assemble(
         if applet != "bin/busybox":
             archive.add_symlink(applet, "/bin/busybox")
 
+    initiator = ""
+    if iscsistart is not None and iscsistart.is_file():
+        report("adding the iSCSI initiator", 0.44)
+        add_program(archive, iscsistart, ISCSISTART_PATH)
+        initiator = "/" + ISCSISTART_PATH
+
     report("adding the node agent", 0.45)
     archive.add_file("init", data=agent if agent is not None else agent_script(), mode=0o755)
     archive.add_file(
         "etc/qrm/release",
-        data=f"kernel={tree.version}\nqrm={__version__}\n".encode(),
+        data=f"kernel={tree.version}\nqrm={__version__}\niscsi={initiator}\n".encode(),
     )
     archive.add_file("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n")
     archive.add_file("etc/group", data=b"root:x:0:\n")
@@ -343,12 +408,19 @@ def build_initrd(
     agent: bytes | None = None,
     progress: Progress | None = None,
     compresslevel: int = 6,
+    iscsistart: Path | None = DEFAULT_ISCSISTART,
 ) -> BuildResult:
     """Build ``out_dir/initrd`` and copy the kernel to ``out_dir/vmlinuz``."""
     report = _Reporter(progress)
     kernels.check_kernel_file(tree.vmlinuz)
     archive, selection = assemble(
-        tree, work_dir=work_dir, busybox=busybox, extra_modules=extra_modules, agent=agent, progress=progress
+        tree,
+        work_dir=work_dir,
+        busybox=busybox,
+        extra_modules=extra_modules,
+        agent=agent,
+        progress=progress,
+        iscsistart=iscsistart,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     initrd = out_dir / "initrd"
@@ -382,6 +454,7 @@ def build_initrd(
         missing_modules=list(selection.missing),
         origin=tree.origin,
         nic_modules=[m for m in selection.order if m in set(selection.groups.get("nic", []))],
+        iscsi_initiator="/" + ISCSISTART_PATH if ISCSISTART_PATH in archive else None,
     )
     report("done", 1.0)
     return result

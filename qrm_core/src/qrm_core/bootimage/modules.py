@@ -56,7 +56,8 @@ NIC_MODULES: tuple[str, ...] = (
     "atl1c",
     "alx",
 )
-VIRTIO_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net")
+#: virtio_balloon: a VM partition's memory changes live within its maximum (qrm-qemu's set memory).
+VIRTIO_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "virtio_balloon")
 STORAGE_MODULES: tuple[str, ...] = (
     "ahci",
     "ata_piix",
@@ -72,6 +73,11 @@ STORAGE_MODULES: tuple[str, ...] = (
 )
 #: The NFS client, for network roots (loaded on demand, not by coldplug).
 NFS_MODULES: tuple[str, ...] = ("nfsv3", "nfsv4")
+#: The iSCSI initiator's kernel side (the SCSI disk driver ``sd_mod`` is in the storage group).
+ISCSI_MODULES: tuple[str, ...] = ("iscsi_tcp",)
+#: Filesystems a network root is mounted with: ext4 on an iSCSI LUN, overlayfs for a
+#: read-only image with a writable layer in RAM (shared pools).
+ROOTFS_MODULES: tuple[str, ...] = ("ext4", "overlay")
 #: Raw packet sockets for udhcpc, when the kernel builds them as a module.
 PACKET_MODULES: tuple[str, ...] = ("af_packet",)
 
@@ -80,6 +86,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "virtio": VIRTIO_MODULES,
     "storage": STORAGE_MODULES,
     "nfs": NFS_MODULES,
+    "iscsi": ISCSI_MODULES,
+    "rootfs": ROOTFS_MODULES,
     "packet": PACKET_MODULES,
 }
 #: Buses whose device modaliases the agent matches at boot. Other aliases

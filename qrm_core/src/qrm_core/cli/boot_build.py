@@ -14,103 +14,89 @@ directory are local), through the services.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from qrm_core.cli.common import CommentOpt, OutputOpt, state
 from qrm_core.cli.output import Output, message, show_one
-
-
-def _settings(ctx: typer.Context) -> Any:
-    state = ctx.find_root().obj
-    settings = getattr(state, "settings", None)
-    if settings is None:
-        from qrm_core.config import get_settings
-
-        settings = get_settings()
-    return settings
+from qrm_core.errors import InvalidInput
 
 
 def register(boot_app: typer.Typer) -> None:
     """Add ``create`` to the ``qrm boot-image`` command group."""
+    boot_app.command("create")(create)
 
-    @boot_app.command("create")
-    def boot_create(
-        ctx: typer.Context,
-        name: Annotated[str, typer.Option("-n", "--name", help="name of the boot image")],
-        kernel_version: Annotated[
-            str, typer.Option("-k", "--kernel-version", help="kernel release, e.g. 6.1.0-56-amd64")
-        ],
-        kernel_deb: Annotated[
-            Path | None,
-            typer.Option(
-                "--kernel-deb", help="take the kernel from this Debian package file", dir_okay=False
-            ),
-        ] = None,
-        download: Annotated[
-            bool, typer.Option("--download", help="apt-get download linux-image-KERNEL_VERSION (cached)")
-        ] = False,
-        default: Annotated[bool, typer.Option("--default", help="make it the default boot image")] = False,
-        module: Annotated[
-            list[str] | None, typer.Option("--module", "-m", help="another kernel module to include (repeat)")
-        ] = None,
-        cmdline: Annotated[
-            str | None, typer.Option("--cmdline", help="kernel arguments (default: serial and VGA console)")
-        ] = None,
-        comment: Annotated[str | None, typer.Option("-c", "--comment")] = None,
-        output: Annotated[
-            Output,
-            typer.Option("--output", "-o", help="table for people, json for programs", case_sensitive=False),
-        ] = Output.table,
-    ) -> None:
-        """Build a boot image (kernel + initrd with busybox, drivers and the qrm node agent)."""
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from qrm_core.services import boot_build, service_context
+def create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("-n", "--name", help="name of the boot image")],
+    kernel_version: Annotated[
+        str, typer.Option("-k", "--kernel-version", help="kernel release, e.g. 6.1.0-56-amd64")
+    ],
+    kernel_deb: Annotated[
+        Path | None,
+        typer.Option("--kernel-deb", help="take the kernel from this Debian package file", dir_okay=False),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="apt-get download linux-image-KERNEL_VERSION (cached)")
+    ] = False,
+    default: Annotated[bool, typer.Option("--default", help="make it the default boot image")] = False,
+    module: Annotated[
+        list[str] | None, typer.Option("--module", "-m", help="another kernel module to include (repeat)")
+    ] = None,
+    cmdline: Annotated[
+        str | None, typer.Option("--cmdline", help="kernel arguments (default: serial and VGA console)")
+    ] = None,
+    comment: CommentOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Build a boot image (kernel + initrd with busybox, drivers and the qrm node agent)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        state = ctx.find_root().obj
-        if getattr(state, "remote", False):
-            from qrm_core.errors import InvalidInput
+    from qrm_core.services import boot_build, service_context
 
-            raise InvalidInput(
-                "boot-image create builds on the machine that keeps qrm's data; run it there "
-                "(or build elsewhere and upload with 'qrm --server ... boot-image add --kernel F --initrd F')"
-            )
-        settings = _settings(ctx)
-        console = Console(stderr=True)
-        with Progress(
-            TextColumn("{task.description}", style="bold"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        ) as bar:
-            task = bar.add_task(f"boot image {name}", total=1000)
-
-            def progress(what: str, done: int, total: int) -> None:
-                bar.update(task, description=what, completed=done, total=total)
-
-            with service_context(settings) as service:
-                result = boot_build.create_boot_image(
-                    service,
-                    name=name,
-                    kernel_version=kernel_version,
-                    kernel_deb=kernel_deb,
-                    download=download,
-                    make_default=default,
-                    progress=progress,
-                    cmdline=cmdline,
-                    extra_modules=module or [],
-                    comment=comment,
-                )
-        message(
-            f"built boot image {result.name} (kernel {result.kernel_version}, "
-            f"initrd sha256 {(result.initrd_sha256 or '')[:16]})"
-            + (", the default" if result.is_default else ""),
-            output,
+    cli = state(ctx)
+    if cli.remote:
+        raise InvalidInput(
+            "boot-image create builds on the machine that keeps qrm's data; run it there "
+            "(or build elsewhere and upload with 'qrm --server ... boot-image add --kernel F --initrd F')"
         )
-        if output is Output.json:
-            show_one(result, output)
+    settings = cli.settings
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}", style="bold"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(f"boot image {name}", total=1000)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        with service_context(settings) as service:
+            result = boot_build.create_boot_image(
+                service,
+                name=name,
+                kernel_version=kernel_version,
+                kernel_deb=kernel_deb,
+                download=download,
+                make_default=default,
+                progress=progress,
+                cmdline=cmdline,
+                extra_modules=module or [],
+                comment=comment,
+            )
+    message(
+        f"built boot image {result.name} (kernel {result.kernel_version}, "
+        f"initrd sha256 {(result.initrd_sha256 or '')[:16]})"
+        + (", the default" if result.is_default else ""),
+        output,
+    )
+    if output is Output.json:
+        show_one(result, output)

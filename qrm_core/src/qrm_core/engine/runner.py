@@ -34,12 +34,16 @@ class EngineRunner:
         *,
         interval: float = 1.0,
         on_tick: Callable[[TickReport], None] | None = None,
+        on_leadership: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.reconciler = Reconciler(settings, plugins)
         self.lock = LeaderLock(get_engine(settings))
         self.interval = interval
         self.on_tick = on_tick
+        #: Called in the engine thread with True when this server becomes the
+        #: leader and False when it stops being one (also when it stops).
+        self.on_leadership = on_leadership
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,7 +64,17 @@ class EngineRunner:
         if self._thread is not None:
             self._thread.join(timeout)
         self.lock.release()
+        if self.is_leader:
+            self._tell_leadership(False)
         self.is_leader = False
+
+    def _tell_leadership(self, leader: bool) -> None:
+        if self.on_leadership is None:
+            return
+        try:
+            self.on_leadership(leader)
+        except Exception:
+            log.exception("engine: telling the leader-only services failed")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -71,7 +85,8 @@ class EngineRunner:
                     log.info("engine: %s", "leader, reconciling" if leader else "follower, waiting")
                     if leader:
                         self.reconciler.became_leader()
-                self.is_leader = leader
+                    self.is_leader = leader
+                    self._tell_leadership(leader)
                 if leader:
                     report = self.reconciler.tick()
                     self.ticks += 1

@@ -13,6 +13,10 @@ One network namespace (``qrmlab-<pid>``) holds the whole data center:
   settings (core never imports a plugin);
 * N QEMU machines (:mod:`qrm_core.lab.qemu`, SeaBIOS or OVMF) on taps of the bridge that
   PXE-boot into qrm;
+* with ``hosts``, M hypervisor hosts ``hv1``...: private libvirt daemons
+  (:mod:`qrm_core.lab.libvirtd`, QEMU under TCG) in the namespace, registered as host
+  resources of the ``qemu`` hypervisor (plugin ``qrm-qemu``) whose partitions join
+  ``br0`` and PXE-boot into qrm like the machines (``qrm partition add --host hv1``);
 * the helper (:mod:`qrm_core.lab.helper`), which answers IPv6 router
   solicitations (iPXE otherwise waits 16 s) and forwards ``127.0.0.1:PORT`` in
   this machine's namespace to the server inside: the way in for
@@ -96,6 +100,11 @@ TOOLS = (
 DHCP_TOOLS = {"kea": ("kea-dhcp4", "kea-dhcp4-server"), "isc": ("dhcpd", "isc-dhcp-server")}
 #: The plugins the lab runs (entry point in qrm.plugins -> distribution).
 PLUGINS = {"tftpd": "qrm-tftpd", "dhcpd": "qrm-dhcpd", "ramdisk": "qrm-ramdisk"}
+#: The plugin of the lab's hypervisor hosts (``hosts``).
+HOST_PLUGIN = ("qemu", "qrm-qemu")
+MAX_HOSTS = 4
+#: Memory a lab host offers its partitions (MB), at most what this machine has.
+HOST_MEMORY_MB = 2048
 
 Progress = Callable[[str], None]
 
@@ -129,6 +138,8 @@ class LabState:
     powered_on: dict[str, float] = field(default_factory=dict)
     #: Directories outside the lab directory to remove on ``down`` (Kea's socket, if the path was long).
     extra_dirs: list[str] = field(default_factory=list)
+    #: The hypervisor hosts' libvirt daemons (``LibvirtDaemon.to_dict()``), by host name.
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -157,6 +168,7 @@ class LabState:
             "vm_procs": {k: p.to_dict() for k, p in self.vm_procs.items()},
             "powered_on": dict(self.powered_on),
             "extra_dirs": list(self.extra_dirs),
+            "hosts": dict(self.hosts),
         }
 
     @classmethod
@@ -176,6 +188,7 @@ class LabState:
             vm_procs={k: Proc.from_dict(v) for k, v in data.get("vm_procs", {}).items()},
             powered_on={k: float(v) for k, v in data.get("powered_on", {}).items()},
             extra_dirs=[str(d) for d in data.get("extra_dirs", [])],
+            hosts={str(k): dict(v) for k, v in data.get("hosts", {}).items()},
         )
 
 
@@ -221,6 +234,24 @@ def check_plugins_installed() -> None:
     if absent:
         paths = " ".join(f"-e plugins/qrm_{d.removeprefix('qrm-')}" for d in absent)
         raise PluginError(f"qrm lab needs the plugins {', '.join(absent)}: pip install {paths}")
+
+
+def check_hosts(hosts: int) -> None:
+    """What hypervisor hosts need: libvirtd with QEMU, and the qemu plugin with libvirt-python."""
+    from qrm_core.lab import libvirtd
+
+    if not 0 <= hosts <= MAX_HOSTS:
+        raise InvalidInput(f"--hosts {hosts}: the lab runs 0 to {MAX_HOSTS} hypervisor hosts")
+    if not hosts:
+        return
+    problem = libvirtd.missing()
+    if problem:
+        raise InvalidInput(f"qrm lab --hosts needs {problem}")
+    names = {ep.name for ep in importlib.metadata.entry_points(group="qrm.hypervisors")}
+    if HOST_PLUGIN[0] not in names:
+        raise PluginError(
+            f"qrm lab --hosts needs the plugin {HOST_PLUGIN[1]}: pip install -e plugins/qrm_qemu"
+        )
 
 
 def check_plugins_usable(plugins: Any) -> None:
@@ -559,11 +590,13 @@ class Lab:
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         firmware: str = "bios",
+        hosts: int = 0,
     ) -> LabState:
         """Create the namespace, prepare the database, start the server, the helper and ``vms`` machines.
 
         ``firmware``: ``bios`` (SeaBIOS) or ``uefi`` (OVMF) for every machine, or a comma-separated
-        list with one per machine (``bios,uefi``)."""
+        list with one per machine (``bios,uefi``). ``hosts``: hypervisor hosts (libvirtd + QEMU)
+        registered as host resources ``hv1``... for partitions."""
         firmwares = check_options(
             vms=vms, dhcp=dhcp, cpus=cpus, memory_mb=memory_mb, port=port, firmware=firmware
         )
@@ -572,6 +605,7 @@ class Lab:
         check_root()
         check_tools(dhcp, uefi="uefi" in firmwares)
         check_plugins_installed()
+        check_hosts(hosts)
         if kernel_deb is not None and not kernel_deb.is_file():
             raise InvalidInput(f"--kernel-deb {kernel_deb}: no such file")
         with self._locked():
@@ -597,6 +631,7 @@ class Lab:
             self._write_state(state)
             try:
                 self._network(state)
+                self._start_hosts(state, hosts)
                 self._prepare(state, kernel_deb, kernel_version)
                 self._start_helper(state, listener)
                 listener.close()
@@ -730,8 +765,70 @@ class Lab:
                     failover=True,
                     comment="the lab's example: 'qrm ve start web'",
                 )
+            if state.hosts:
+                with service_context(settings, actor="qrm-lab", plugins=plugins) as ctx:
+                    self._register_hosts(ctx, state)
         finally:
             db.dispose_engines()
+
+    def host_dir(self, name: str) -> Path:
+        return self.dir / "hosts" / name
+
+    def daemons(self, state: LabState | None = None) -> dict[str, Any]:
+        """The hypervisor hosts' libvirt daemons (``LibvirtDaemon``), by host name."""
+        from qrm_core.lab.libvirtd import LibvirtDaemon
+
+        state = state or self.require_state()
+        return {name: LibvirtDaemon.from_dict(data) for name, data in state.hosts.items()}
+
+    def _start_hosts(self, state: LabState, count: int) -> None:
+        """``count`` libvirt daemons in the namespace (their guests' taps join ``br0``), each tracked by PID."""
+        from qrm_core.lab.libvirtd import LibvirtDaemon
+
+        for index in range(1, count + 1):
+            name = f"hv{index}"
+            directory = self.host_dir(name)
+            if directory.exists():
+                shutil.rmtree(directory)
+            daemon = LibvirtDaemon(directory, netns=state.netns)
+            # Recorded before it starts: 'down' stops it even if 'up' dies now.
+            state.hosts[name] = daemon.to_dict()
+            self._write_state(state)
+            try:
+                daemon.start()
+            finally:
+                state.hosts[name] = daemon.to_dict()
+                self._write_state(state)
+            self.progress(f"hypervisor host {name}: libvirtd (pid {daemon.pid}) at {daemon.uri}")
+
+    def _register_hosts(self, ctx: Any, state: LabState) -> None:
+        """Each host as a host resource of the qemu hypervisor (what ``qrm resource add
+        --hypervisor qemu --libvirt-uri`` does), its partitions on ``br0``."""
+        from qrm_core.services import resources
+
+        cpus = os.cpu_count() or 1
+        memory = HOST_MEMORY_MB
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) // 1024
+            memory = min(memory, total)
+        for index, (name, data) in enumerate(sorted(state.hosts.items()), start=1):
+            socket_path = Path(data["socket_dir"]) / "libvirt-sock"
+            resources.add_resource(
+                ctx,
+                mac=f"02:77:00:00:f0:{index:02x}",
+                hostname=name,
+                hypervisor=HOST_PLUGIN[0],
+                hypervisor_uri=f"qemu+unix:///system?socket={socket_path}",
+                network=BRIDGE,
+                cpus=cpus,
+                memory_mb=memory,
+                comment="the lab's hypervisor host: a libvirtd in the lab's namespace",
+            )
+            # TCG (a real guest hangs under this machine's KVM); both daemons share the
+            # namespace, so a live migration's stream goes over its loopback.
+            resources.set_resource(
+                ctx, name, host_settings={"domain_type": "qemu", "migration_address": "127.0.0.1"}
+            )
 
     def _boot_image(
         self, ctx: Any, state: LabState, kernel_deb: Path | None, kernel_version: str | None
@@ -874,6 +971,11 @@ class Lab:
         machines = [p for p in state.vm_procs.values() if procs.alive(p)]
         procs.stop(machines, timeout=10, reap=self._children)
         done += [f"powered off {p.name} (pid {p.pid})" for p in machines]
+        for name, daemon in self.daemons(state).items():
+            if daemon.alive() or daemon.guest_pids():
+                pid = daemon.pid
+                daemon.stop()
+                done.append(f"stopped hypervisor host {name} (libvirtd pid {pid}) and its partitions")
         for key in ("server", "helper"):
             proc = state.processes.get(key)
             if proc is not None and procs.alive(proc):
@@ -1012,6 +1114,10 @@ class Lab:
                 {"name": key, "pid": p.pid, "running": procs.alive(p)} for key, p in state.processes.items()
             ],
             "machines": machines,
+            "hosts": [
+                {"name": name, "uri": daemon.uri, "pid": daemon.pid, "running": daemon.alive()}
+                for name, daemon in self.daemons(state).items()
+            ],
             "problem": problem,
         }
 

@@ -35,6 +35,7 @@ class NodeSpec:
     cpus: int = 2
     memory_mb: int = 2048
     hypervisors: list[str] = field(default_factory=list)
+    hostname: str | None = None
 
 
 @dataclass
@@ -61,9 +62,37 @@ def ip_for(index: int) -> str:
     return str(ipaddress.IPv4Address("198.18.0.0") + (index % 131072))
 
 
-def mac_for(index: int, prefix: int = 0x02) -> str:
-    """A locally administered unicast MAC for simulated node ``index``."""
-    return f"{prefix:02x}:51:{(index >> 24) & 0xFF:02x}:{(index >> 16) & 0xFF:02x}:{(index >> 8) & 0xFF:02x}:{index & 0xFF:02x}"
+def mac_for(index: int, prefix: int = 0x02, run: int = 0) -> str:
+    """A locally administered unicast MAC for simulated node ``index`` (below
+    2**24) of simulation ``run`` (0-255): ``PREFIX:51:RUN:...``."""
+    return f"{prefix:02x}:51:{run & 0xFF:02x}:{(index >> 16) & 0xFF:02x}:{(index >> 8) & 0xFF:02x}:{index & 0xFF:02x}"
+
+
+#: The prefixes of simulated machines' MACs (machines, hypervisor hosts).
+SIMULATED_PREFIXES = (0x02, 0x06)
+
+
+def free_run(known_macs: list[str]) -> int:
+    """A run number (1-255) no simulated machine the server knows has, so
+    that two ``qrm lab simulate`` runs never share MACs (a MAC is a machine's
+    identity: a second run with the same ones would take over the first
+    run's machines, or be refused while they heartbeat). Chosen at random
+    among the free ones, so that two runs started at the same moment are
+    unlikely to pick the same; InvalidInput when all 255 are taken."""
+    used = set()
+    for mac in known_macs:
+        parts = mac.lower().split(":")
+        if len(parts) == 6 and parts[1] == "51" and int(parts[0], 16) in SIMULATED_PREFIXES:
+            used.add(int(parts[2], 16))
+    free = [run for run in range(1, 256) if run not in used]
+    if not free:
+        from qrm_core.errors import InvalidInput
+
+        raise InvalidInput(
+            "every simulated MAC block (255) is taken by a machine the server knows: "
+            "remove old simulated resources first (qrm resource remove)"
+        )
+    return random.choice(free)
 
 
 class SimulatedNode:
@@ -89,6 +118,12 @@ class SimulatedNode:
             except Exception as exc:  # noqa: BLE001 - a simulated machine retries like a real one
                 self.sim.stats.errors += 1
                 log.debug("node %s: %s", self.spec.mac, exc)
+                if isinstance(exc, AgentCallError) and exc.status == 401 and exc.enrollment is not None:
+                    await self.sim.enrollment_refused(exc.enrollment)
+                else:
+                    self.sim.tell_once(
+                        type(exc).__name__, f"simulated machines hit an error (they retry): {exc}"
+                    )
                 await self.sim.sleep(min(self.sim.reboot_delay * 4 + 1, 5.0))
 
     async def _boot(self) -> None:
@@ -103,11 +138,16 @@ class SimulatedNode:
             "cpus": self.spec.cpus,
             "memory_mb": self.spec.memory_mb,
             "hypervisors": self.spec.hypervisors,
+            "hostname": self.spec.hostname,
             "boot_generation": self.generation,
             "mode": self.mode,
             "ve": self.ve,
         }
-        answer = await sim.call("POST", "/agent/v1/register", json=body, token=sim.enrollment_token)
+        # The token of the boot before, if any: a registration after an error (not a
+        # reboot) is this agent's own, as the real agent sends it (docs/agent-protocol.md).
+        answer = await sim.call(
+            "POST", "/agent/v1/register", json=body, token=sim.enrollment_token, proof=self.token
+        )
         self.resource_id = answer["resource_id"]
         self.token = answer["token"]
         self.interval = float(answer.get("heartbeat_interval", 10.0)) * sim.interval_scale
@@ -146,7 +186,23 @@ class SimulatedNode:
             await sim.sleep(self.interval)
 
 
+class AgentCallError(RuntimeError):
+    """The server refused an agent request; ``enrollment`` is the enrollment
+    token the request carried (None for per-machine-token requests)."""
+
+    def __init__(self, text: str, status: int, enrollment: str | None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.enrollment = enrollment
+
+
 class Simulation:
+    """Simulated machines. ``enrollment`` fetches the site's current
+    enrollment token: when the server refuses the one the machines have (it
+    was rotated), they take the new one and register again, as machines
+    booting with a regenerated boot configuration would. Without it, or
+    when the new one is refused too, ``report`` is told once, in one line."""
+
     def __init__(
         self,
         server: str,
@@ -157,9 +213,15 @@ class Simulation:
         concurrency: int = 200,
         on_register: Callable[[SimulatedNode], None] | None = None,
         fake_state_dir: Path | None = None,
+        enrollment: Callable[[], str] | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.enrollment_token = enrollment_token
+        self.enrollment = enrollment
+        self.report = report
+        self._told: set[str] = set()
+        self._enrollment_lock: asyncio.Lock | None = None
         self.reboot_delay = reboot_delay
         self.interval_scale = interval_scale
         self.concurrency = concurrency
@@ -170,6 +232,9 @@ class Simulation:
         self.stopping = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
+        #: Hypervisor hosts whose fake-hypervisor partitions boot as simulated VMs.
+        self._hosts: dict[str, NodeSpec] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     async def sleep(self, seconds: float) -> None:
         try:
@@ -177,20 +242,73 @@ class Simulation:
         except TimeoutError:
             pass
 
-    async def call(self, method: str, path: str, *, json: Any = None, token: str | None = None) -> Any:
+    async def call(
+        self, method: str, path: str, *, json: Any = None, token: str | None = None, proof: str | None = None
+    ) -> Any:
         assert self._client is not None and self._slots is not None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if proof:
+            headers["X-Qrm-Agent-Token"] = proof  # a live agent registering again is itself
         async with self._slots:
             response = await self._client.request(method, path, json=json, headers=headers)
         if response.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:200]}")
+            raise AgentCallError(
+                f"{method} {path}: {response.status_code} {response.text[:200]}",
+                response.status_code,
+                token if token is not None and token == self.enrollment_token else None,
+            )
         return response.json()
+
+    def tell_once(self, key: str, text: str) -> None:
+        """Say ``text`` to the person running the simulation, once per ``key``
+        (a warning in the log as well)."""
+        if key in self._told:
+            return
+        self._told.add(key)
+        log.warning("%s", text)
+        if self.report is not None:
+            self.report(text)
+
+    async def enrollment_refused(self, refused: str) -> None:
+        """The server refused enrollment token ``refused``: fetch the current
+        one (once for all machines), or say that they cannot register."""
+        if self._enrollment_lock is None:
+            self._enrollment_lock = asyncio.Lock()
+        async with self._enrollment_lock:
+            if self.enrollment_token != refused:
+                return  # another machine fetched the new one meanwhile
+            why = "no way to fetch a new one was given"
+            if self.enrollment is not None:
+                try:
+                    current = await asyncio.to_thread(self.enrollment)
+                except Exception as exc:  # noqa: BLE001 - reported below, in one line
+                    current, why = None, f"fetching the current one failed: {exc}"
+                if current and current != refused:
+                    self.enrollment_token = current
+                    self._told.discard("enrollment")
+                    self.tell_once(
+                        "enrollment-changed",
+                        "the site's enrollment token changed: simulated machines register with the new one",
+                    )
+                    self._told.discard("enrollment-changed")
+                    return
+                if current == refused:
+                    why = "the site's current token is the same"
+            self.tell_once(
+                "enrollment",
+                f"the server refuses the simulated machines' enrollment token ({why}): they cannot "
+                "register; run 'qrm lab simulate' again with --enroll set to 'qrm site enrollment-token'",
+            )
 
     def add(self, spec: NodeSpec) -> SimulatedNode:
         node = SimulatedNode(self, spec)
         self.nodes[spec.mac] = node
         node.task = asyncio.create_task(node.run(), name=f"node-{spec.mac}")
         self.stats.nodes = len(self.nodes)
+        if spec.hypervisors and self.fake_state_dir is not None:
+            self._hosts[spec.mac] = spec  # a host added while running is watched too
+            if self._watcher is None:
+                self._watcher = asyncio.create_task(self._watch_partitions(self._hosts))
         return node
 
     def remove(self, mac: str) -> None:
@@ -235,10 +353,6 @@ class Simulation:
         async with httpx.AsyncClient(base_url=self.server, limits=limits, timeout=60.0) as client:
             self._client = client
             self._slots = asyncio.Semaphore(self.concurrency)
-            watcher = None
-            hosts = {s.mac: s for s in specs if s.hypervisors}
-            if hosts and self.fake_state_dir is not None:
-                watcher = asyncio.create_task(self._watch_partitions(hosts))
             for index, spec in enumerate(specs):
                 self.add(spec)
                 if ramp and index % 100 == 99:
@@ -249,8 +363,8 @@ class Simulation:
             else:
                 await self.stopping.wait()
             tasks = [n.task for n in self.nodes.values() if n.task is not None]
-            if watcher is not None:
-                tasks.append(watcher)
+            if self._watcher is not None:
+                tasks.append(self._watcher)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -258,13 +372,34 @@ class Simulation:
 
 
 def node_specs(
-    count: int, *, cpus: int = 2, memory_mb: int = 2048, hypervisor_hosts: int = 0, start: int = 1
+    count: int,
+    *,
+    cpus: int = 2,
+    memory_mb: int = 2048,
+    hypervisor_hosts: int = 0,
+    start: int = 1,
+    run: int = 0,
 ) -> list[NodeSpec]:
-    specs = [NodeSpec(mac=mac_for(start + i), cpus=cpus, memory_mb=memory_mb) for i in range(count)]
+    # Each machine has an address, as a DHCP lease gives a real one: a VE's
+    # storage exports name it (a machine without one cannot mount its root).
+    base = (run & 0xFF) << 9  # runs apart, as their MACs are
+
+    def ip(index: int) -> str:
+        return ip_for(base + index)
+
+    specs = [
+        NodeSpec(mac=mac_for(start + i, run=run), ip=ip(start + i), cpus=cpus, memory_mb=memory_mb)
+        for i in range(count)
+    ]
     for i in range(hypervisor_hosts):
         specs.append(
             NodeSpec(
-                mac=mac_for(start + count + i, prefix=0x06), cpus=16, memory_mb=65536, hypervisors=["fake"]
+                mac=mac_for(start + count + i, prefix=0x06, run=run),
+                ip=ip(start + count + i),
+                cpus=16,
+                memory_mb=65536,
+                hypervisors=["fake"],
+                hostname=f"hv{i + 1}",  # what 'qrm partition add --host hv1' names
             )
         )
     return specs

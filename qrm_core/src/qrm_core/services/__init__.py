@@ -5,7 +5,7 @@ session, the settings, the acting user and the plugin system) and keyword
 arguments. They validate, change rows, record an :class:`~qrm_core.models.Event`
 for every change, commit, and only then notify plugins. They return the
 ``*Public`` shapes of :mod:`qrm_core.models`; table rows never leave this
-package. The CLI, the REST API and the web console call nothing else.
+package. The CLI and the REST API (and the web console) call nothing else.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, StatementError
 from sqlmodel import Session
 
 from qrm_core.context import HookContext
 from qrm_core.db import READONLY_OPTION, _short, ensure_current, get_engine
-from qrm_core.errors import Conflict, DatabaseUnavailable
+from qrm_core.errors import Conflict, DatabaseUnavailable, InvalidInput
 from qrm_core.models import Event, EventLevel, EventPublic, utcnow
 
 if TYPE_CHECKING:
     from qrm_core.config import Settings
     from qrm_core.plugins import PluginSystem
+    from qrm_core.plugins.hooks import Hooks
 
 audit_log = logging.getLogger("qrm.audit")
 log = logging.getLogger("qrm.services")
@@ -62,7 +63,7 @@ class ServiceContext:
         self._fast_events: list[dict[str, Any]] = []
 
     @property
-    def hooks(self) -> Any:
+    def hooks(self) -> Hooks:
         return self.plugins.hooks
 
     @property
@@ -138,6 +139,9 @@ class ServiceContext:
             raise Conflict(
                 f"the change conflicts with a concurrent one and was not made: {_short(exc)}"
             ) from None
+        except StatementError as exc:
+            self._refuse_out_of_range(exc)
+            raise
 
     def commit(self) -> None:
         """Commit; then write the audit log lines and notify plugins."""
@@ -153,6 +157,9 @@ class ServiceContext:
             self.session.rollback()
             self._discard()
             raise DatabaseUnavailable(f"database error: {_short(exc)}") from None
+        except StatementError as exc:
+            self._refuse_out_of_range(exc)
+            raise
         events, self._events = self._events, []
         fast_events, self._fast_events = self._fast_events, []
         callbacks, self._after_commit = self._after_commit, []
@@ -170,7 +177,22 @@ class ServiceContext:
             # Reads made after the commit (results, hook payloads) end here.
             self.session.commit()
 
+    def _refuse_out_of_range(self, exc: StatementError) -> None:
+        """A value the database cannot hold (an integer beyond its column) is
+        bad input, not a server failure: the services check ranges first
+        (validation.MAX_INT); this catches what one of them missed."""
+        if isinstance(exc, DataError) or isinstance(exc.orig, OverflowError):
+            self.session.rollback()
+            self._discard()
+            raise InvalidInput(f"a value is out of range: {_short(exc)}") from None
+        self.session.rollback()
+        self._discard()
+
     def rollback(self) -> None:
+        """Roll back, and forget what was to be recorded. Rows read in the
+        transaction are expired: reading one again opens a new transaction (on
+        SQLite the write lock), so take what a driver call needs into plain
+        values first, or end a read with :meth:`commit`, which expires nothing."""
         self.session.rollback()
         self._discard()
 
@@ -259,3 +281,22 @@ def service_context(
         raise
     finally:
         session.close()
+
+
+_bare_systems: dict[int, PluginSystem] = {}
+
+
+@contextmanager
+def read_context(settings: Settings) -> Iterator[ServiceContext]:
+    """A read-only :class:`ServiceContext` for plugins that only read (a
+    configuration render from inside a hook): it never takes SQLite's write
+    lock, so it never waits for the change that fired the hook, and it loads
+    no plugins (it calls no hook). Writing through it is a bug."""
+    from qrm_core.plugins import PluginSystem
+
+    system = _bare_systems.get(id(settings))
+    if system is None or system.settings is not settings:
+        system = PluginSystem(settings, discover_plugins=False)
+        _bare_systems[id(settings)] = system
+    with service_context(settings, plugins=system, readonly=True, actor="plugin") as ctx:
+        yield ctx

@@ -14,9 +14,10 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
+from pydantic_core import PydanticUndefined
 from sqlmodel import select
 
 from qrm_core.errors import AuthError, Conflict, InvalidInput, NotFound, QrmError
@@ -25,6 +26,7 @@ from qrm_core.models import (
     Partition,
     Resource,
     ResourceKind,
+    ResourcePublic,
     ResourceState,
     VEDesiredState,
     VirtualEnvironment,
@@ -33,6 +35,9 @@ from qrm_core.models import (
 from qrm_core.services import ServiceContext, public
 from qrm_core.services import validation as v
 from qrm_core.services.resources import transition
+
+if TYPE_CHECKING:
+    from qrm_core.services.storage import VolumeAccess
 
 S = ResourceState
 LIVE_STATES = (S.IDLE.value, S.ASSIGNED.value, S.BOOTING.value, S.ACTIVE.value)
@@ -67,31 +72,45 @@ def _order_reboot(ctx: ServiceContext, row: Resource, why: str) -> None:
 
 
 def release(ctx: ServiceContext, row: Resource, reason: str, *, reboot: bool) -> None:
-    """Detach a resource from its VE in the current transaction (hooks after commit)."""
+    """Detach a resource from its VE in the current transaction.
+
+    After commit, the resource's access to the VE's filesystem image is
+    withdrawn through the storage driver (what it needs is read now, so the
+    driver is called with no transaction open) and the hooks are told.
+    """
+    from qrm_core.services.storage import volume_access
+
     ve = ctx.session.get(VirtualEnvironment, row.ve_id) if row.ve_id is not None else None
     if ve is None:
         return
     ve_public = public.one_ve(ctx.session, ve)
-    if row.state in (S.ASSIGNED.value, S.BOOTING.value, S.ACTIVE.value):
+    try:
+        access: VolumeAccess | None = volume_access(ctx, ve.id or 0, row)
+        failure = ""
+    except QrmError as exc:  # its storage driver is gone or disabled
+        access, failure = None, exc.message
+    if row.state in (S.ASSIGNED.value, S.BOOTING.value, S.ACTIVE.value, S.PAUSED.value):
         transition(ctx, row, S.IDLE, reason)
     row.ve_id = None
     if reboot:
         _order_reboot(ctx, row, reason)
     ctx.session.add(row)
     ctx.record("ve", ve.name, f"resource {public.resource_label(row)} released: {reason}")
-    ve_id = ve.id
-    assert ve_id is not None
 
     def withdraw() -> None:
-        from qrm_core.services.storage import unexport_from
-
-        try:
-            unexport_from(ctx, ve_id, row)
-        except QrmError as exc:
+        nonlocal failure
+        if ctx.session.in_transaction():
+            ctx.session.commit()  # the storage driver is called with no transaction open
+        if access is not None:
+            try:
+                access.withdraw()
+            except QrmError as exc:
+                failure = exc.message
+        if failure:
             ctx.record(
                 "ve",
                 ve_public.name,
-                f"could not withdraw {public.resource_label(row)}'s access to the filesystem image: {exc.message}",
+                f"could not withdraw {public.resource_label(row)}'s access to the filesystem image: {failure}",
                 level=EventLevel.ERROR,
             )
             ctx.commit()
@@ -117,8 +136,52 @@ _FIRST_SIGHT = sa.select(
 _INSERT_RESOURCE = sa.insert(_RESOURCE_TABLE)
 
 
+class RegistrationRefused(Conflict):
+    """A second registration of a MAC whose agent is alive (see :func:`may_register_again`)."""
+
+
+#: A machine's agent counts as gone quiet once it has not been heard for this
+#: many heartbeat intervals (an agent heartbeats once per interval; the half
+#: interval more covers a slow request, not a reboot).
+QUIET_INTERVALS = 1.5
+
+
+def may_register_again(
+    row: Resource, *, boot_generation: int, proof: str | None, now: datetime, heartbeat_interval: float
+) -> str | None:
+    """Why a registration of ``row``'s MAC is refused now, or None when it may register.
+
+    The machine keeps its identity while its agent is alive: the enrollment
+    token (which every boot script carries) must not let anyone else take its
+    per-resource token. A registration is let through when
+
+    * it proves to be that agent (``proof``: the resource's current token;
+      the agent registers again when what it reports changes), or
+    * qrm told the machine to reboot and this is the boot it ordered (the
+      resource's boot generation is ahead of the boot it last registered,
+      and the registration carries that generation), or
+    * the agent has gone quiet for ``QUIET_INTERVALS`` heartbeat intervals (a
+      reboot qrm did not order, a power cut, a crashed agent), or was never heard.
+    """
+    if row.token_hash is None or row.last_seen is None:
+        return None
+    if proof and hmac.compare_digest(row.token_hash, hash_token(proof)):
+        return None
+    if row.boot_generation > row.booted_generation and boot_generation == row.boot_generation:
+        return None
+    quiet = (now - row.last_seen).total_seconds()
+    if quiet > heartbeat_interval * QUIET_INTERVALS:
+        return None
+    return f"its agent is alive (heard {max(quiet, 0):.0f} s ago)"
+
+
 def register(ctx: ServiceContext, **kwargs: Any) -> Registration:
     """Register (or re-register) the machine with this MAC; idempotent per MAC.
+
+    A machine whose agent is alive keeps its identity: another registration
+    of its MAC is refused (:class:`RegistrationRefused`, recorded as an event
+    naming ``source``, the address it came from) unless :func:`may_register_again`
+    lets it through.
 
     Two registrations of a new MAC at the same moment (a machine retrying)
     race to insert it; the loser sees the winner's row on a second try.
@@ -126,6 +189,8 @@ def register(ctx: ServiceContext, **kwargs: Any) -> Registration:
     for attempt in range(3):
         try:
             return _register(ctx, **kwargs)
+        except RegistrationRefused:
+            raise
         except Conflict:
             if attempt == 2:
                 raise
@@ -145,6 +210,8 @@ def _register(
     mode: Literal["idle", "ve"] = "idle",
     ve: str | None = None,
     now: datetime | None = None,
+    source: str | None = None,
+    proof: str | None = None,
 ) -> Registration:
     mac = v.mac(mac)
     ip = v.ip(ip) if ip else None
@@ -165,6 +232,27 @@ def _register(
         if first is not None:
             return first
     row = ctx.session.exec(_RESOURCE_BY_MAC, params={"mac": mac}).first()
+    if row is not None:
+        refused = may_register_again(
+            row,
+            boot_generation=boot_generation,
+            proof=proof,
+            now=now,
+            heartbeat_interval=ctx.settings.heartbeat_interval,
+        )
+        if refused is not None:
+            label = public.resource_label(row)
+            ctx.record(
+                "resource",
+                label,
+                f"registration of {mac} from {source or 'an unknown address'} refused: {refused}",
+                level=EventLevel.WARNING,
+            )
+            ctx.commit()
+            raise RegistrationRefused(
+                f"resource {label} is registered and {refused}: another registration of its MAC is "
+                "refused until qrm orders it to reboot or it stops heartbeating"
+            )
     created = row is None
     changed: list[str] = []
     partition: Partition | None = None
@@ -296,9 +384,10 @@ def _register_first_sight(
     )
     ctx.commit()
     if ctx.hooks.wants("qrm_resource_added") or ctx.hooks.wants("qrm_resource_state_changed"):
-        row = ctx.session.get(Resource, resource_id)
-        assert row is not None
-        result = public.one_resource(ctx.session, row)
+        # What the hooks get is built from the row just inserted, not read
+        # back: reading it was one more transaction (on SQLite one more turn
+        # of the write lock) per registration with any plugin installed.
+        result = _new_resource_public(resource_id, values)
         ctx.hooks.resource_added(result, ctx.hook_ctx)
         ctx.hooks.resource_state_changed(result, S.NEW.value, ctx.hook_ctx)
     return Registration(
@@ -308,6 +397,32 @@ def _register_first_sight(
         state=S.IDLE.value,
         boot_generation=boot_generation,
     )
+
+
+def _new_resource_public(resource_id: int, values: dict[str, Any]) -> ResourcePublic:
+    """The public view of a resource row just inserted with ``values`` (no host,
+    no VE): the columns not given have their defaults, as in the database
+    (tests/core/test_fast_paths.py checks it against the row read back)."""
+    defaults = _PUBLIC_DEFAULTS or _public_defaults()
+    # Every field is given, from values _register_first_sight validated and wrote.
+    fields = {**defaults, **{k: v for k, v in values.items() if k in ResourcePublic.model_fields}}
+    fields["id"] = resource_id
+    fields["capabilities"] = list(values["capabilities"])
+    return ResourcePublic.model_construct(**fields)
+
+
+_PUBLIC_DEFAULTS: dict[str, Any] = {}
+
+
+def _public_defaults() -> dict[str, Any]:
+    """ResourcePublic's fields that a first registration does not set, with the Resource defaults."""
+    for name in ResourcePublic.model_fields:
+        field = Resource.model_fields.get(name)
+        if field is None:  # host, ve: names of related rows, none for a new machine
+            _PUBLIC_DEFAULTS[name] = None
+        elif field.default_factory is None and field.default is not PydanticUndefined:
+            _PUBLIC_DEFAULTS[name] = field.default
+    return _PUBLIC_DEFAULTS
 
 
 def _apply_boot(ctx: ServiceContext, row: Resource, mode: str, ve_name: str | None) -> None:
@@ -366,7 +481,7 @@ def heartbeat(
     if state not in ("idle", "active", "failed"):
         raise InvalidInput("state must be idle, active or failed")
     if reason is not None:
-        reason = v.comment(reason[:200].replace("\n", " "), "reason")
+        reason = v.one_line(reason[:200])  # a machine's words: made one line, not refused
     if load is not None and (load < 0 or load > 1e6):
         raise InvalidInput("load is out of range")
     seen = now or utcnow()
@@ -480,12 +595,23 @@ def _apply_heartbeat(ctx: ServiceContext, row: Resource, state: str) -> Literal[
     return "none"
 
 
+def _refuse_managed(row: Resource, doing: str) -> None:
+    """A host another manager owns (an ESXi host synced from vCenter) runs no qrm agent:
+    a command for its next heartbeat would wait for ever."""
+    if row.managed_by:
+        raise Conflict(
+            f"resource {public.resource_label(row)} is managed by {row.managed_by} and runs no qrm agent; "
+            f"{doing} it through its manager"
+        )
+
+
 def order_halt(ctx: ServiceContext, ref: str | int) -> None:
     """Power a resource off at its next heartbeat (only when it serves no VE)."""
     from qrm_core.errors import InUse
     from qrm_core.services.resources import find_resource_row
 
     row = find_resource_row(ctx, ref)
+    _refuse_managed(row, "halt")
     if row.ve_id is not None:
         raise InUse(f"resource {public.resource_label(row)} serves a virtual environment; stop it first")
     row.pending_command = "halt"
@@ -499,6 +625,7 @@ def order_reboot(ctx: ServiceContext, ref: str | int) -> None:
     from qrm_core.services.resources import find_resource_row
 
     row = find_resource_row(ctx, ref)
+    _refuse_managed(row, "reboot")
     if row.last_seen is None:
         raise NotFound(f"resource {public.resource_label(row)} has never been seen; nothing to reboot")
     _order_reboot(ctx, row, "on request")

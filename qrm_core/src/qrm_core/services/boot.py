@@ -23,9 +23,10 @@ from typing import Literal
 from pydantic import BaseModel
 from sqlmodel import select
 
-from qrm_core.errors import InvalidInput, PluginError
+from qrm_core.errors import Conflict, InvalidInput, PluginError
 from qrm_core.models import (
     BootImage,
+    Deployment,
     FilesystemImage,
     Resource,
     ResourceState,
@@ -36,7 +37,7 @@ from qrm_core.models import (
 from qrm_core.services import ServiceContext, public
 from qrm_core.services import validation as v
 from qrm_core.services.boot_images import default_boot_image_row
-from qrm_core.services.storage import driver_for, target
+from qrm_core.services.storage import driver_for, export_client, target
 
 VE_BOOT_STATES = frozenset(
     {ResourceState.ASSIGNED.value, ResourceState.BOOTING.value, ResourceState.ACTIVE.value}
@@ -113,7 +114,12 @@ def boot_config(
         assert fs is not None
         storage = ctx.session.get(StorageServer, fs.storage_id)
         assert storage is not None
-        root = driver_for(ctx, storage).describe_root(target(storage), fs.location)
+        root = driver_for(ctx, storage).describe_root(
+            target(storage),
+            fs.location,
+            export_client(resource) if resource is not None else None,
+            shared=ve.deployment == Deployment.SHARED.value,
+        )
         root_description = root.description
         args += ["qrm.mode=ve", f"qrm.ve={ve.name}"]
         args += v.kernel_args(list(root.kernel_args), f"root arguments of storage type {storage.type}")
@@ -148,6 +154,41 @@ def boot_config(
         ve=ve.name if ve else None,
         root=root_description,
     )
+
+
+def root_secrets(
+    ctx: ServiceContext, *, resource_id: int, token: str | None, boot_generation: int
+) -> dict[str, str]:
+    """The credentials the agent of a booting machine needs to mount its VE's root
+    (``RootSpec.secrets``: CHAP user and secret), handed over its authenticated channel.
+
+    Only to the machine itself (its per-resource token), only for the boot qrm
+    ordered (its current boot generation), and only while it is assigned to a VE
+    that should run. The secrets are never recorded: the event says who fetched
+    the credentials of which image, not what they are.
+    """
+    from qrm_core.services.agent import authenticate_resource
+
+    row = authenticate_resource(ctx, resource_id, token)
+    label = public.resource_label(row)
+    if boot_generation != row.boot_generation:
+        raise Conflict(
+            f"resource {label} is not in boot {boot_generation} (qrm ordered boot {row.boot_generation})"
+        )
+    ve = ctx.session.get(VirtualEnvironment, row.ve_id) if row.ve_id is not None else None
+    if ve is None or row.state not in VE_BOOT_STATES or ve.desired_state != VEDesiredState.RUNNING.value:
+        raise Conflict(f"resource {label} is not booting a virtual environment")
+    fs = ctx.session.get(FilesystemImage, ve.fs_image_id)
+    assert fs is not None
+    storage = ctx.session.get(StorageServer, fs.storage_id)
+    assert storage is not None
+    driver = driver_for(ctx, storage)
+    where, location, client = target(storage), fs.location, export_client(row)
+    shared = ve.deployment == Deployment.SHARED.value
+    ctx.record("ve", ve.name, f"{label} fetched the credentials of filesystem image {fs.name}")
+    ctx.commit()  # no transaction stays open across the driver call
+    root = driver.describe_root(where, location, client, shared=shared)
+    return {str(k): str(v) for k, v in root.secrets.items()}
 
 
 def boot_image_files(ctx: ServiceContext, name: str) -> tuple[str | None, str | None]:

@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlmodel import select
 
 from qrm_core.bootimage import builder
 from qrm_core.bootimage import kernel as kernels
 from qrm_core.config import Settings
-from qrm_core.errors import AlreadyExists, InvalidInput, QrmError
-from qrm_core.models import BootImage, BootImagePublic
+from qrm_core.errors import AlreadyExists, Conflict, InvalidInput, QrmError
+from qrm_core.models import BootImage, BootImagePublic, EventLevel
 from qrm_core.services import ServiceContext, boot_images
 from qrm_core.services import validation as v
+
+if TYPE_CHECKING:
+    from qrm_core.plugins import PluginSystem
 
 DEFAULT_IMAGE_NAME = "default"
 Progress = builder.Progress
@@ -72,8 +78,10 @@ def create_boot_image(
     cmdline = " ".join(v.kernel_args(builder.DEFAULT_CMDLINE if cmdline is None else cmdline, "command line"))
     comment = v.comment(comment)
     extra = list(extra_modules)
-    if ctx.session.exec(select(BootImage.id).where(BootImage.name == name)).first():
-        raise AlreadyExists(f"boot image {name!r} already exists")
+    taken = ctx.session.exec(select(BootImage.name).where(v.same_name(BootImage.name, name))).first()
+    if taken:
+        raise AlreadyExists(f"boot image {taken!r} already exists")
+    ctx.rollback()  # the read ends here: no transaction stays open while the build runs (minutes)
     deb = Path(kernel_deb).expanduser() if kernel_deb is not None else None
     with tempfile.TemporaryDirectory(prefix="build-", dir=_work_parent(ctx.settings)) as tmp:
         work = Path(tmp)
@@ -165,7 +173,7 @@ def ensure_default_boot_image(
         )
     version, deb = source
     name = DEFAULT_IMAGE_NAME
-    if ctx.session.exec(select(BootImage.id).where(BootImage.name == name)).first():
+    if ctx.session.exec(select(BootImage.id).where(v.same_name(BootImage.name, name))).first():
         name = f"{DEFAULT_IMAGE_NAME}-{version}"[:64]
     try:
         if deb is None:
@@ -181,3 +189,113 @@ def ensure_default_boot_image(
         return f"could not build the default boot image from kernel {version}: {exc.message}"
     where = deb.name if deb is not None else str(boot_dir / f"vmlinuz-{version}")
     return f"built the default boot image {image.name} (kernel {image.kernel_version} from {where})"
+
+
+# ---------------------------------------------------------------------------
+# Builds in the server (the console), with their progress
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Build:
+    """A boot image being built in this server process, as far as it got."""
+
+    name: str
+    kernel_version: str
+    message: str = "starting"
+    step: int = 0
+    total: int = builder.PROGRESS_TOTAL
+    error: str = ""
+    finished: bool = False
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.step / self.total) if self.total else 0
+
+
+_BUILDS: dict[str, Build] = {}
+_BUILDS_LOCK = threading.Lock()
+
+
+def builds() -> list[Build]:
+    """The builds this server runs or ran (a copy of each, newest last)."""
+    with _BUILDS_LOCK:
+        return [replace(b) for b in _BUILDS.values()]
+
+
+def available_kernels(settings: Settings) -> list[tuple[str, str]]:
+    """Kernels a boot image can be built from without a download: ``(version,
+    where)`` for each cached kernel package and each kernel in ``/boot``."""
+    found = [
+        (version, f"package {path.name}") for version, path in kernels.cached_debs(kernel_cache_dir(settings))
+    ]
+    cached = {version for version, _ in found}
+    found += [(version, "/boot") for version in kernels.boot_kernel_versions() if version not in cached]
+    return found
+
+
+def build_in_background(
+    settings: Settings,
+    plugins: PluginSystem,
+    actor: str,
+    *,
+    name: str,
+    kernel_version: str,
+    make_default: bool = False,
+) -> Build:
+    """Build a boot image from an available kernel (:func:`available_kernels`)
+    in a thread of the server; :func:`builds` follows its progress, the
+    events record its outcome. Refused at once (nothing started): a bad name,
+    a taken one, a build of it under way, a kernel that is not available."""
+    from qrm_core.services import service_context
+
+    name = v.name(name, "boot image name")
+    kernel_version = v.kernel_version(kernel_version)
+    offered = dict(available_kernels(settings))
+    if kernel_version not in offered:
+        raise InvalidInput(
+            f"kernel {kernel_version} is neither a cached kernel package nor in /boot; "
+            "download it with 'qrm boot-image create --download'"
+        )
+    deb = dict(kernels.cached_debs(kernel_cache_dir(settings))).get(kernel_version)
+    with service_context(settings, actor=actor, plugins=plugins, check_schema=False) as ctx:
+        if ctx.session.exec(select(BootImage.id).where(BootImage.name == name)).first():
+            raise AlreadyExists(f"boot image {name!r} already exists")
+    build = Build(name=name, kernel_version=kernel_version)
+    with _BUILDS_LOCK:
+        running = _BUILDS.get(name)
+        if running is not None and not running.finished:
+            raise Conflict(f"boot image {name} is being built already")
+        _BUILDS[name] = build
+
+    def progress(message: str, step: int, total: int) -> None:
+        with _BUILDS_LOCK:
+            build.message, build.step, build.total = message, step, total
+
+    def job() -> None:
+        try:
+            with service_context(settings, actor=actor, plugins=plugins, check_schema=False) as ctx:
+                try:
+                    create_boot_image(
+                        ctx,
+                        name=name,
+                        kernel_version=kernel_version,
+                        kernel_deb=deb,
+                        make_default=make_default,
+                        progress=progress,
+                    )
+                except QrmError as exc:
+                    ctx.rollback()
+                    ctx.record("boot-image", name, f"build of boot image {name} failed: {exc.message}",
+                               level=EventLevel.ERROR)  # fmt: skip
+                    ctx.commit()
+                    raise
+        except Exception as exc:  # noqa: BLE001 - shown with the build, recorded above
+            with _BUILDS_LOCK:
+                build.error = str(getattr(exc, "message", exc))[:300]
+        finally:
+            with _BUILDS_LOCK:
+                build.finished = True
+
+    threading.Thread(target=job, name=f"boot-build-{name}", daemon=True).start()
+    return replace(build)

@@ -70,8 +70,9 @@ def add_boot_image(
         raise InvalidInput("give both --kernel and --initrd, or neither")
     kernel_src = _readable_file(kernel, "kernel") if kernel is not None else None
     initrd_src = _readable_file(initrd, "initrd") if initrd is not None else None
-    if ctx.session.exec(select(BootImage.id).where(BootImage.name == name)).first():
-        raise AlreadyExists(f"boot image {name!r} already exists")
+    taken = ctx.session.exec(select(BootImage.name).where(v.same_name(BootImage.name, name))).first()
+    if taken:
+        raise AlreadyExists(f"boot image {taken!r} already exists")
     row = BootImage(
         name=name, kernel_version=kernel_version, cmdline=" ".join(cmdline_tokens), comment=comment
     )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from qrm_core.errors import InvalidInput
-from qrm_core.models import Event, EventLevel, EventPublic
+from qrm_core.models import MAX_ID, Event, EventLevel, EventPublic
 from qrm_core.services import ServiceContext
 
 
@@ -21,7 +21,7 @@ def list_events(
     """The newest ``limit`` events (oldest first), optionally only those after ``after_id``."""
     if limit < 1 or limit > 10000:
         raise InvalidInput("limit must be between 1 and 10000")
-    if after_id is not None and not 0 <= after_id < 2**31:
+    if after_id is not None and not 0 <= after_id <= MAX_ID:
         raise InvalidInput("after_id is out of range")
     if level is not None and level not in EventLevel.values():
         raise InvalidInput(f"unknown level {level!r}; use one of {', '.join(EventLevel.values())}")
@@ -39,3 +39,8 @@ def list_events(
     else:
         rows = list(reversed(ctx.session.exec(query.order_by(col(Event.id).desc()).limit(limit)).all()))
     return [EventPublic.model_validate(r, from_attributes=True) for r in rows]
+
+
+def newest_id(ctx: ServiceContext) -> int:
+    """The id of the newest event (0 when there is none): where a follower starts."""
+    return int(ctx.session.exec(select(func.max(Event.id))).one() or 0)

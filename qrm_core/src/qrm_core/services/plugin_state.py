@@ -1,42 +1,18 @@
-"""Persisted enable/disable state of plugins and drivers."""
+"""Persisted enable/disable state of plugins and drivers (the rule; reading it
+at start-up is :func:`qrm_core.plugins.state.persisted_disabled`)."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlmodel import Session, select
+from sqlmodel import select
 
-from qrm_core.db import get_engine
-from qrm_core.errors import NotFound, QrmError
+from qrm_core.errors import NotFound
 from qrm_core.models import PluginSetting, utcnow
 
 if TYPE_CHECKING:
-    from qrm_core.config import Settings
     from qrm_core.plugins import EntryPointRecord, PluginSystem
     from qrm_core.services import ServiceContext
-
-log = logging.getLogger("qrm.plugins")
-
-
-def persisted_disabled(settings: Settings) -> set[str]:
-    """Names disabled with ``qrm plugins disable``.
-
-    Read at start-up before anything else; a database that is not reachable or
-    not initialised yet means nothing is disabled (so ``qrm init`` and
-    ``qrm plugins list`` still work), and is logged.
-    """
-    try:
-        engine = get_engine(settings)
-        with Session(engine) as session:
-            return {row.name for row in session.exec(select(PluginSetting)) if not row.enabled}
-    except (OperationalError, ProgrammingError) as exc:
-        log.debug("plugin state not readable (%s); treating every plugin as enabled", exc)
-        return set()
-    except QrmError as exc:
-        log.debug("plugin state not readable (%s)", exc)
-        return set()
 
 
 def list_plugins(plugins: PluginSystem) -> list[EntryPointRecord]:

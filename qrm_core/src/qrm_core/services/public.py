@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlmodel import Session, col, select
@@ -64,10 +64,24 @@ def storage_servers(session: Session, rows: Sequence[StorageServer]) -> list[Sto
             images[storage_id].append(name)
     return [
         StorageServerPublic.model_validate(
-            r, from_attributes=True, update={"filesystem_images": images[r.id or 0]}
+            r,
+            from_attributes=True,
+            update={
+                "filesystem_images": images[r.id or 0],
+                "settings": dict(r.settings or {}),
+                "managed_from": managed_from(r.settings or {}, r.address),
+            },
         )
         for r in rows
     ]
+
+
+def managed_from(settings: Mapping[str, str], address: str) -> str:
+    """``this machine``, or ``USER@ADDRESS[:PORT]`` for a storage server managed over SSH."""
+    if not settings.get("ssh_user"):
+        return "this machine"
+    port = settings.get("ssh_port", "22")
+    return f"{settings['ssh_user']}@{address}" + ("" if port == "22" else f":{port}")
 
 
 @_own_transaction

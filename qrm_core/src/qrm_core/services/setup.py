@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qrm_core import db
+from qrm_core.models import InitPublic
 from qrm_core.services import service_context, site, users
 
 if TYPE_CHECKING:
     from qrm_core.config import Settings
     from qrm_core.plugins import PluginSystem
-
-
-@dataclass(frozen=True)
-class InitResult:
-    database: str
-    revision_before: str | None
-    revision: str
-    admin: str
-    admin_created: bool
-    default_password: bool
-    boot_image: str = ""
 
 
 def safe_url(url: str) -> str:
@@ -42,10 +31,12 @@ def init(
     plugins: PluginSystem | None = None,
     boot_image: bool | None = None,
     progress: Any = None,
-) -> InitResult:
+) -> InitPublic:
     """Create or upgrade the schema, make sure the admin user exists, and (when
     ``boot_image``, default: ``settings.init_boot_image``) that idle machines
     have a default boot image to boot."""
+    if admin_password is not None:  # refused before anything is created
+        users.check_password_policy(admin_password, users.DEFAULT_ADMIN)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = db.get_engine(settings)
     before, after = db.upgrade(engine)
@@ -66,7 +57,7 @@ def init(
             from qrm_core.services.boot_build import ensure_default_boot_image
 
             boot_line = ensure_default_boot_image(ctx, progress)
-    return InitResult(
+    return InitPublic(
         database=safe_url(settings.effective_database_url),
         revision_before=before,
         revision=after,

@@ -20,13 +20,12 @@ import secrets
 
 from sqlmodel import col, select
 
-from qrm_core.errors import AlreadyExists, AuthError, Forbidden, InvalidInput, NotFound
-from qrm_core.models import ApiToken, ApiTokenCreated, ApiTokenPublic, User, UserPublic, utcnow
+from qrm_core.errors import AlreadyExists, AuthError, Forbidden, NotFound
+from qrm_core.models import MAX_ID, ApiToken, ApiTokenCreated, ApiTokenPublic, User, UserPublic, utcnow
 from qrm_core.services import ServiceContext
 from qrm_core.services import validation as v
 
 PREFIX = "qrm_"
-MAX_ID = 2**31 - 1  # ids fit every database's integer column
 
 
 def hash_api_token(token: str) -> str:
@@ -64,7 +63,7 @@ def create_token(
     owner = _owner(ctx, user, admin=admin, lock=True)
     assert owner.id is not None
     taken = ctx.session.exec(
-        select(ApiToken.id).where(ApiToken.user_id == owner.id, ApiToken.name == name)
+        select(ApiToken.id).where(ApiToken.user_id == owner.id, v.same_name(ApiToken.name, name))
     ).first()
     if taken is not None:
         raise AlreadyExists(f"user {owner.name} already has an API token named {name!r} (id {taken})")
@@ -82,14 +81,12 @@ def create_token(
 def list_tokens(
     ctx: ServiceContext, *, user: str | None = None, all_users: bool = False, admin: bool = False
 ) -> list[ApiTokenPublic]:
-    """The tokens of ``user`` (default: the caller), or of everyone (admins)."""
+    """The tokens of ``user`` (default: the caller), or of everyone (admins;
+    with ``user`` too, that user's)."""
     query = select(ApiToken, User.name).join(User, col(User.id) == col(ApiToken.user_id))
-    if all_users:
-        if not admin:
-            raise Forbidden(f"only an admin may list every user's API tokens; {ctx.actor} is not one")
-        if user is not None:
-            raise InvalidInput("give a user or ask for every user's API tokens, not both")
-    else:
+    if all_users and not admin:
+        raise Forbidden(f"only an admin may list every user's API tokens; {ctx.actor} is not one")
+    if not all_users or user is not None:
         owner = _owner(ctx, user, admin=admin)
         query = query.where(ApiToken.user_id == owner.id)
     rows = ctx.session.exec(query.order_by(col(User.name), col(ApiToken.id))).all()

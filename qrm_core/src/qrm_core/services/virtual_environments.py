@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from sqlmodel import col, select
 
-from qrm_core.errors import AlreadyExists, InUse, InvalidInput, NotFound
+from qrm_core.errors import AlreadyExists, Conflict, InUse, InvalidInput, NotFound, QrmError
 from qrm_core.models import (
     Deployment,
+    FilesystemImage,
+    MemberHealthPublic,
     Partition,
     Resource,
     ResourceKind,
@@ -14,12 +16,13 @@ from qrm_core.models import (
     VEDesiredState,
     VEState,
     VirtualEnvironment,
+    VirtualEnvironmentDetail,
     VirtualEnvironmentPublic,
 )
 from qrm_core.services import ServiceContext, public
 from qrm_core.services import validation as v
 from qrm_core.services.boot_images import get_boot_image_row
-from qrm_core.services.storage import get_fs_image_row
+from qrm_core.services.storage import export_readiness, get_fs_image_row
 
 DEFAULT_SHARED_POOL = 2
 DEFAULT_PARTITION_CPUS = 1
@@ -48,9 +51,16 @@ def create_ve(
     failover: bool = False,
     kernel_args: str | None = None,
     comment: str | None = None,
+    monitor: list[str] | None = None,
+    monitor_failover: bool = False,
+    pristine: bool = False,
 ) -> VirtualEnvironmentPublic:
-    """Define a virtual environment (it starts stopped)."""
+    """Define a virtual environment (it starts stopped). ``pristine``: keep a
+    snapshot of its filesystem image as it is at the first start, for
+    ``qrm ve reset`` (the image's storage must snapshot and revert)."""
     name = v.name(name, "virtual environment name")
+    checks = v.monitor_checks(monitor)
+    _check_monitor_failover(monitor_failover, failover, name)
     deployment = (deployment or "").strip().lower()
     if deployment not in Deployment.values():
         raise InvalidInput(f"unknown deployment {deployment!r}; use one of {', '.join(Deployment.values())}")
@@ -88,8 +98,15 @@ def create_ve(
     assert storage_row is not None and boot_row.id is not None and fs_row.id is not None
     # The image must be bootable from here: its storage driver must be present.
     ctx.plugins.storage_driver(storage_row.type)
-    if ctx.session.exec(select(VirtualEnvironment.id).where(VirtualEnvironment.name == name)).first():
-        raise AlreadyExists(f"virtual environment {name!r} already exists")
+    if pristine:
+        from qrm_core.services.images import check_pristine_possible
+
+        check_pristine_possible(ctx, fs_row)
+    taken = ctx.session.exec(
+        select(VirtualEnvironment.name).where(v.same_name(VirtualEnvironment.name, name))
+    ).first()
+    if taken:
+        raise AlreadyExists(f"virtual environment {taken!r} already exists")
     row = VirtualEnvironment(
         name=name,
         boot_image_id=boot_row.id,
@@ -101,6 +118,9 @@ def create_ve(
         req_memory_mb=memory_mb,
         pool_size=pool,
         failover=failover,
+        monitor=checks,
+        monitor_failover=monitor_failover,
+        pristine=pristine,
         kernel_args=" ".join(args),
         comment=comment,
     )
@@ -113,11 +133,62 @@ def create_ve(
         + (f", pool {pool}" if deployment == Deployment.SHARED.value else "")
         + (f", {hypervisor}" if hypervisor else "")
         + (", failover" if failover else "")
+        + (f", monitor {' '.join(checks)}" if checks else "")
+        + (", failover on monitoring" if monitor_failover else "")
+        + (", kept pristine" if pristine else "")
         + ")",
     )
     ctx.commit()
     result = public.one_ve(ctx.session, row)
     ctx.hooks.ve_created(result, ctx.hook_ctx)
+    return result
+
+
+def _check_monitor_failover(monitor_failover: bool, failover: bool, name: str) -> None:
+    if monitor_failover and not failover:
+        raise InvalidInput(
+            f"failover on monitoring needs failover: virtual environment {name} has none "
+            "(create it with --failover)"
+        )
+
+
+def set_ve(
+    ctx: ServiceContext,
+    name: str,
+    *,
+    monitor: list[str] | None = None,
+    monitor_failover: bool | None = None,
+) -> VirtualEnvironmentPublic:
+    """Change what a virtual environment asks of monitoring (any time, running or not).
+
+    ``monitor`` replaces the list of checks (``[]`` clears it); None leaves a
+    setting as it is. Plugins hear of it through ``qrm_ve_updated``.
+    """
+    from qrm_core.models import utcnow
+
+    checks = v.monitor_checks(monitor) if monitor is not None else None
+    row = _locked_ve(ctx, name)
+    if monitor_failover is not None and monitor_failover != row.monitor_failover:
+        _check_monitor_failover(monitor_failover, row.failover, name)
+    changed: list[str] = []
+    notes: list[str] = []
+    if checks is not None and checks != list(row.monitor or []):
+        row.monitor = checks
+        changed.append("monitor")
+        notes.append(f"monitor checks {' '.join(checks) if checks else 'none'}")
+    if monitor_failover is not None and monitor_failover != row.monitor_failover:
+        row.monitor_failover = monitor_failover
+        changed.append("monitor_failover")
+        notes.append("failover on monitoring " + ("on" if monitor_failover else "off"))
+    if not changed:
+        ctx.rollback()
+        return public.one_ve(ctx.session, row)
+    row.updated_at = utcnow()
+    ctx.session.add(row)
+    ctx.record("ve", name, f"virtual environment {name}: {', '.join(notes)}")
+    ctx.commit()
+    result = public.one_ve(ctx.session, row)
+    ctx.hooks.ve_updated(result, changed, ctx.hook_ctx)
     return result
 
 
@@ -132,6 +203,24 @@ def list_ves(ctx: ServiceContext, *, state: str | None = None) -> list[VirtualEn
 
 def show_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
     return public.one_ve(ctx.session, get_ve_row(ctx, name))
+
+
+def ve_detail(ctx: ServiceContext, name: str) -> VirtualEnvironmentDetail:
+    """One VE with what monitoring plugins say about each member (``ve show``)."""
+    row = get_ve_row(ctx, name)
+    result = public.one_ve(ctx.session, row)
+    health: list[MemberHealthPublic] = []
+    if ctx.hooks.wants("qrm_collect_health"):
+        members = ctx.session.exec(
+            select(Resource).where(Resource.ve_id == row.id).order_by(col(Resource.id))
+        ).all()
+        for member in public.resources(ctx.session, members):
+            label = member.hostname or member.mac
+            health.extend(
+                MemberHealthPublic(resource=label, source=h.source, status=h.status, message=h.message)
+                for h in ctx.hooks.collect_health(member, ctx.hook_ctx)
+            )
+    return VirtualEnvironmentDetail(**result.model_dump(), health=health)
 
 
 def remove_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
@@ -170,13 +259,26 @@ def _locked_ve(ctx: ServiceContext, name: str) -> VirtualEnvironment:
 
 
 def start_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
-    """Ask for the VE to run. Idempotent; the engine places it on idle resources."""
+    """Ask for the VE to run. Idempotent; the engine places it on idle resources.
+    A pristine VE's image is snapshotted first, once (no transaction is open meanwhile)."""
     from qrm_core.models import utcnow
+    from qrm_core.services.images import keep_pristine
 
+    keep_pristine(ctx, name)
+    image = ctx.session.get(FilesystemImage, get_ve_row(ctx, name).fs_image_id)
+    assert image is not None  # an image in use cannot be removed
+    storage_id = image.storage_id
+    storage_name, unready = export_readiness(ctx, storage_id)
+    if unready:
+        raise Conflict(
+            f"virtual environment {name} cannot start: its filesystem image is on {storage_name}, "
+            f"which cannot export: {unready}"
+        )
     row = _locked_ve(ctx, name)
     if row.desired_state == VEDesiredState.RUNNING.value:
         ctx.rollback()
         return public.one_ve(ctx.session, row)
+    _refuse_shared_read_write(ctx, row)
     row.desired_state = VEDesiredState.RUNNING.value
     row.generation += 1
     row.updated_at = utcnow()
@@ -189,6 +291,54 @@ def start_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
     result = public.one_ve(ctx.session, row)
     ctx.hooks.ve_starting(result, ctx.hook_ctx)
     return result
+
+
+def _copies_per_machine(ctx: ServiceContext, image: FilesystemImage) -> bool:
+    """Whether the image's storage type gives each machine a copy of its own
+    (False when its plugin is missing: the start fails on that later)."""
+    storage = ctx.session.get(StorageServer, image.storage_id)
+    if storage is None:
+        return False
+    try:
+        return ctx.plugins.storage_driver(storage.type).copies_per_machine
+    except QrmError:
+        return False
+
+
+def _refuse_shared_read_write(ctx: ServiceContext, row: VirtualEnvironment) -> None:
+    """No two VEs on one image where one of them mounts it read-write (every
+    deployment but ``shared``, whose machines mount it read-only under an overlay):
+    the writer's changes would corrupt what the other machines read. The image's
+    row is locked, so two starts at once cannot both pass."""
+    image = ctx.session.exec(
+        select(FilesystemImage).where(FilesystemImage.id == row.fs_image_id).with_for_update()
+    ).one()
+    if _copies_per_machine(ctx, image):
+        return  # each machine unpacks its own copy (a RAM root): nothing is shared
+    others = ctx.session.exec(
+        select(VirtualEnvironment)
+        .where(
+            VirtualEnvironment.fs_image_id == image.id,
+            VirtualEnvironment.id != row.id,
+            (VirtualEnvironment.desired_state != VEDesiredState.STOPPED.value)
+            | (VirtualEnvironment.state != VEState.STOPPED.value),
+        )
+        .order_by(col(VirtualEnvironment.name))
+    ).all()
+    shared = Deployment.SHARED.value
+    writer = next((o for o in others if o.deployment != shared), None)
+    if writer is not None:
+        raise InUse(
+            f"virtual environment {row.name} cannot start: filesystem image {image.name} is exported "
+            f"read-write to virtual environment {writer.name}, which is {writer.state} (stop {writer.name} first)"
+        )
+    if others and row.deployment != shared:
+        reader = others[0]
+        raise InUse(
+            f"virtual environment {row.name} cannot start: it would mount filesystem image {image.name} "
+            f"read-write while virtual environment {reader.name} ({reader.state}) shares it read-only "
+            f"(stop {reader.name} first)"
+        )
 
 
 def stop_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
