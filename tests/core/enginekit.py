@@ -65,7 +65,12 @@ class Node:
         if not self.alive:
             return "dead"
         if self.token is None:
-            self.boot(settings, plugins, clock)
+            try:
+                self.boot(settings, plugins, clock)
+            except agent.RegistrationRefused:
+                # Powered on again before its old agent went quiet: the real
+                # agent tries again a little later, as this one does next beat.
+                return "refused"
             return "booted"
         with service_context(settings, actor="agent", plugins=plugins) as ctx:
             answer = agent.heartbeat(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,12 +14,7 @@ from pathlib import Path
 import httpx
 
 from qrm_core.lab.simulate import NodeSpec, Simulation
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qrm_core.testkit import free_port  # noqa: F401 - tests import it from here
 
 
 class ServerProcess:

@@ -71,7 +71,17 @@ def test_json_shapes_are_stable(qrm_cli) -> None:
     qrm_cli("storage", "add", "-n", "s", "-t", "fake", "-i", "10.0.0.1")
     qrm_cli("resource", "add", "-m", "52:54:00:12:34:56", "-i", "10.0.0.7", "--cpus", "2", "--memory", "512")
     storage = qrm_cli("storage", "list", "-o", "json").json()[0]
-    assert set(storage) == {"id", "name", "type", "address", "comment", "created_at", "filesystem_images"}
+    assert set(storage) == {
+        "id",
+        "name",
+        "type",
+        "address",
+        "comment",
+        "created_at",
+        "filesystem_images",
+        "settings",
+        "managed_from",
+    }
     resource = qrm_cli("resource", "show", "52:54:00:12:34:56", "-o", "json").json()
     assert {"id", "mac", "ip", "kind", "state", "ve", "cpus", "memory_mb", "last_seen", "health"} <= set(
         resource
@@ -79,6 +89,7 @@ def test_json_shapes_are_stable(qrm_cli) -> None:
     assert resource["state"] == "new" and resource["memory_mb"] == 512
 
 
+@pytest.mark.qrm_backends("sqlite")  # messages; duplicates and in-use refusals per database: test_services.py
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -114,6 +125,7 @@ def test_user_mistakes_are_one_line_and_change_nothing(qrm_cli, args, message) -
     assert qrm_cli("events", "--limit", "100", "-o", "json").json() == before
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_usage_errors_exit_2(qrm_cli) -> None:
     result = qrm_cli("storage", "add", "-n", "x")
     assert result.exit_code == 2
@@ -121,6 +133,7 @@ def test_usage_errors_exit_2(qrm_cli) -> None:
     assert qrm_cli("nosuch").exit_code == 2
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_commands_before_init_say_so(qrm_cli, monkeypatch, tmp_path) -> None:
     from qrm_core.config import reset_settings_cache
 
@@ -134,7 +147,7 @@ def test_commands_before_init_say_so(qrm_cli, monkeypatch, tmp_path) -> None:
 def test_init_is_idempotent_and_sets_the_admin_password(qrm_cli) -> None:
     first = qrm_cli("init", "-o", "json").json()
     assert first["admin_created"] and first["default_password"]
-    again = qrm_cli("init", "--admin-password", "better", "-o", "json").json()
+    again = qrm_cli("init", "--admin-password", "a-better-one", "-o", "json").json()
     assert not again["admin_created"] and not again["default_password"]
     assert again["revision_before"] == again["revision"]
 
@@ -143,7 +156,7 @@ def test_plugins_list_shows_the_fake_drivers(qrm_cli) -> None:
     _init(qrm_cli)
     entries = qrm_cli("plugins", "list", "-o", "json").json()
     fake = {(e["name"], e["kind"]) for e in entries if e["distribution"] == "qrm-core"}
-    assert fake == {("fake", "storage"), ("fake", "hypervisor")}
+    assert fake == {("fake", "storage"), ("fake", "hypervisor"), ("fake", "power")}
     assert qrm_cli("plugins", "disable", "fake").exit_code == 0
     entries = qrm_cli("plugins", "list", "-o", "json").json()
     assert all(e["status"] == "disabled" for e in entries if e["name"] == "fake")
@@ -176,6 +189,7 @@ def test_the_installed_qrm_command(tmp_path: Path) -> None:
     assert run("--version").stdout.startswith("qrm ")
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_invalid_settings_are_reported(qrm_cli, monkeypatch) -> None:
     from qrm_core.config import reset_settings_cache
 
@@ -186,6 +200,7 @@ def test_invalid_settings_are_reported(qrm_cli, monkeypatch) -> None:
     assert result.stderr.startswith("error: ")
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_a_broken_configuration_file_is_one_line(qrm_cli, monkeypatch, tmp_path) -> None:
     from qrm_core.config import reset_settings_cache
 
@@ -225,6 +240,7 @@ def test_events_follow_prints_new_events_as_they_happen(qrm_cli, qrm_settings) -
     assert proc.returncode == 0 and "Traceback" not in proc.stderr.read()
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_boot_image_create_refuses_remote_mode(qrm_cli) -> None:
     result = qrm_cli("--server", "http://127.0.0.1:9", "boot-image", "create", "-n", "x", "-k", "6.1")
     assert result.exit_code == 1 and "builds on the machine that keeps qrm's data" in result.stderr
@@ -239,6 +255,7 @@ def _lab_up_refused(qrm_cli, lab: Path, *args: str):
     return result
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_lab_up_without_the_network_boot_plugins_says_which(qrm_cli, tmp_path) -> None:
     """The core session has no plugin installed: the lab names what is missing."""
     from importlib.metadata import entry_points
@@ -257,6 +274,7 @@ def test_lab_up_without_the_network_boot_plugins_says_which(qrm_cli, tmp_path) -
     assert not (tmp_path / "lab").exists() or not any((tmp_path / "lab").iterdir())
 
 
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
 def test_lab_uefi_machines_without_ovmf_say_what_to_install(qrm_cli, tmp_path, monkeypatch) -> None:
     from qrm_core.lab import qemu
 
@@ -295,3 +313,23 @@ def test_lab_machine_command_lines_bios_and_uefi(tmp_path, monkeypatch) -> None:
     assert f"if=pflash,format=raw,unit=0,readonly=on,file={tmp_path}/CODE,,4M.fd" in uefi
     assert f"if=pflash,format=raw,unit=1,file={variables}" in uefi
     assert uefi[uefi.index("-device") + 1] == "virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02,romfile="
+
+
+@pytest.mark.qrm_backends("sqlite")  # the database plays no part
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("-u", "qrm", "-p", "wrong"), "-u/-p are for --server"),
+        (("-p", "wrong"), "-p is for --server"),
+        (("--token", "t"), "--token is for --server"),
+    ],
+)
+def test_credentials_without_a_server_are_refused(qrm_cli, args, named) -> None:
+    """`qrm -u qrm -p wrong storage list` used to run on the local database and
+    exit 0: credentials without --server are refused in one line, nothing done."""
+    _init(qrm_cli)
+    result = qrm_cli(*args, "storage", "add", "-n", "s1", "-t", "fake", "-i", "10.0.0.5")
+    assert result.exit_code == 1, result.stdout
+    assert named in result.stderr and "add --server URL" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert qrm_cli("storage", "list", "-o", "json").json() == []

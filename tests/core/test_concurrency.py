@@ -71,8 +71,9 @@ def test_two_operators_start_the_same_ve(qrm_ctx, qrm_settings, qrm_plugins) -> 
 
 def test_two_ves_want_the_last_idle_resource(qrm_ctx, qrm_settings, qrm_plugins) -> None:
     _base(qrm_ctx)
-    for name in ("a", "b", "c", "d"):
-        ves.create_ve(qrm_ctx, name=name, boot_image="idle", fs_image="root")
+    for name in ("a", "b", "c", "d"):  # one image each: a VE that writes its image has it alone
+        storage.add_filesystem_image(qrm_ctx, name=f"root-{name}", storage="st", location=f"/r-{name}")
+        ves.create_ve(qrm_ctx, name=name, boot_image="idle", fs_image=f"root-{name}")
     _register(qrm_settings, qrm_plugins, "52:54:00:00:00:01", "10.0.0.10")
     _register(qrm_settings, qrm_plugins, "52:54:00:00:00:02", "10.0.0.11")
 
@@ -106,7 +107,9 @@ def test_one_machine_registering_twice_at_once(qrm_settings, qrm_plugins, qrm_ct
     def reg():
         results.append(_register(qrm_settings, qrm_plugins, "52:54:00:00:00:99", "10.0.0.99"))
 
-    assert _run_all(reg, reg, reg, reg) == []
-    assert len({r.resource_id for r in results}) == 1
+    # One registration wins; the others find its agent alive and are refused (issue 15).
+    errors = _run_all(reg, reg, reg, reg)
+    assert len(results) == 1 and len(errors) == 3
+    assert all(isinstance(e, agent.RegistrationRefused) for e in errors)
     with service_context(qrm_settings, plugins=qrm_plugins) as ctx:
         assert len(ctx.session.exec(select(Resource)).all()) == 1

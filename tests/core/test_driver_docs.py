@@ -20,7 +20,7 @@ import pytest
 from qrm_core.drivers import base
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "drivers.md"
-INTERFACES = [base.BaseDriver, base.StorageDriver, base.HypervisorDriver]
+INTERFACES = [base.BaseDriver, base.StorageDriver, base.HypervisorDriver, base.PowerDriver]
 VALUE_TYPES = sorted(
     (obj for obj in vars(base).values() if dataclasses.is_dataclass(obj) and isinstance(obj, type)),
     key=lambda t: t.__name__,
@@ -63,6 +63,23 @@ def test_every_method_is_documented_with_its_signature(cls: type) -> None:
         assert f"### `{name}`" in body, f"docs/drivers.md: no heading for {cls.__name__}.{name}"
 
 
+@pytest.mark.parametrize("cls", INTERFACES[1:], ids=[c.__name__ for c in INTERFACES[1:]])
+def test_the_page_says_which_methods_are_required_and_which_optional(cls: type) -> None:
+    """Each method's text starts with Required., Optional. or Overridable., and says the truth."""
+    body = section(cls.__name__)
+    for name in public_methods(cls):
+        match = re.search(rf"^### `{name}`\s*$.*?```\s*$\s*(\w+)\b", body, flags=re.M | re.S)
+        assert match, f"docs/drivers.md: {cls.__name__}.{name} does not say Required, Optional or Overridable"
+        said = match.group(1)
+        if name in cls.__abstractmethods__:
+            expected = "Required"
+        elif name in cls.OPTIONAL_OPERATIONS:
+            expected = "Optional"
+        else:
+            expected = "Overridable"
+        assert said == expected, f"docs/drivers.md: {cls.__name__}.{name} is {expected}, the page says {said}"
+
+
 @pytest.mark.parametrize("value_type", VALUE_TYPES, ids=[t.__name__ for t in VALUE_TYPES])
 def test_every_value_type_is_documented_with_its_fields(value_type: type) -> None:
     text = DOC.read_text(encoding="utf-8")
@@ -75,5 +92,7 @@ def test_every_value_type_is_documented_with_its_fields(value_type: type) -> Non
 
 def test_the_interfaces_found_are_the_real_ones() -> None:
     assert {"validate_server", "create_volume", "describe_root"} <= base.StorageDriver.__abstractmethods__
-    assert {"create_partition", "migrate_partition"} <= base.HypervisorDriver.__abstractmethods__
+    assert {"create_partition", "destroy_partition"} <= base.HypervisorDriver.__abstractmethods__
+    assert "migrate_partition" in base.HypervisorDriver.OPTIONAL_OPERATIONS
+    assert {"power_off", "power_state"} <= base.PowerDriver.__abstractmethods__
     assert len(VALUE_TYPES) >= 8

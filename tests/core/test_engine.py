@@ -33,6 +33,55 @@ def _res(settings, plugins, mac):
         return resources.show_resource(ctx, mac)
 
 
+def test_a_machine_whose_agent_is_alive_keeps_its_identity(site, qrm_ctx) -> None:
+    """Issue 15: the enrollment token (in every boot script) used to take over a
+    live machine at once. Now a second registration of its MAC is refused and
+    recorded with the address it came from, unless it is the agent itself
+    (its token as proof), qrm ordered the reboot (boot generation), or the
+    agent went quiet past its heartbeat interval (a power cut)."""
+    node = site.add_node("52:54:00:15:00:02")
+    site.step()
+    interval = site.settings.heartbeat_interval
+
+    def register(**kwargs):
+        kwargs.setdefault("boot_generation", node.generation)
+        with service_context(site.settings, actor="agent", plugins=site.plugins) as ctx:
+            return agent.register(
+                ctx, mac=node.mac, ip="198.18.9.9", cpus=1, memory_mb=64, now=site.clock(), **kwargs
+            )
+
+    with pytest.raises(agent.RegistrationRefused, match="its agent is alive"):
+        register(source="198.18.9.9")
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        events = [e.message for e in list_events(ctx, object_name=node.mac)]
+    assert f"registration of {node.mac} from 198.18.9.9 refused: its agent is alive (heard 0 s ago)" in events
+    assert node.beat(site.settings, site.plugins, site.clock) == "none"  # its token still works
+    assert _res(site.settings, site.plugins, node.mac).cpus == 2  # nothing of the stranger's kept
+
+    # The agent itself registers again (what it reports changed): its token is the proof.
+    reg = register(proof=node.token)
+    node.token = reg.token
+    assert node.beat(site.settings, site.plugins, site.clock) == "none"
+
+    # qrm orders a reboot: the boot it ordered registers although the agent was just heard...
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        agent.order_reboot(ctx, node.mac)
+    assert node.beat(site.settings, site.plugins, site.clock) == "reboot"  # and it booted again
+    assert node.beat(site.settings, site.plugins, site.clock) == "none"
+    # ... once: that generation is registered now.
+    with pytest.raises(agent.RegistrationRefused):
+        register()
+
+    # A power cut: the same machine boots again before qrm noticed, and is let in
+    # once its agent has been quiet past the heartbeat interval.
+    site.clock.advance(interval * 0.5)
+    with pytest.raises(agent.RegistrationRefused):
+        node.boot(site.settings, site.plugins, site.clock)
+    site.clock.advance(interval * 1.1)
+    node.boot(site.settings, site.plugins, site.clock)
+    assert node.beat(site.settings, site.plugins, site.clock) == "none"
+
+
 def test_single_ve_starts_runs_and_stops(site, qrm_ctx) -> None:
     a = site.add_node("52:54:00:00:00:0a", cpus=4, memory_mb=4096)
     site.add_node("52:54:00:00:00:0b", cpus=1, memory_mb=512)
@@ -339,6 +388,25 @@ def test_a_rebooting_machine_gets_the_boot_timeout(site, qrm_ctx) -> None:
     assert any("did not come back from the reboot" in m for m in events)
 
 
+def test_a_machine_booting_its_ve_gets_the_boot_timeout(site, qrm_ctx) -> None:
+    """Registered from its initrd (``booting``), a machine mounts its VE's root (an iSCSI
+    login, an NFS mount) before it registers again from that root: silent meanwhile, it
+    gets the boot timeout, not the heartbeat timeout; past it, it has failed."""
+    node = site.add_node("52:54:00:00:00:01")
+    ves.create_ve(qrm_ctx, name="web", boot_image="idle", fs_image="root")
+    ves.start_ve(qrm_ctx, "web")
+    site.reconciler.tick()
+    site.step()  # its heartbeat gets the reboot order: it boots the VE and registers from its initrd
+    assert _res(site.settings, site.plugins, node.mac).state == "booting"
+    node.alive = False  # mounting its root
+    site.settle(int(site.settings.heartbeat_timeout) + 5)
+    assert _res(site.settings, site.plugins, node.mac).state == "booting"
+    site.settle(int(site.settings.boot_timeout - site.settings.heartbeat_timeout) + 5)
+    assert _res(site.settings, site.plugins, node.mac).state == "error"
+    events = [e.message for e in list_events(qrm_ctx, limit=50)]
+    assert any("did not finish booting its virtual environment" in m for m in events)
+
+
 @contextmanager
 def _export_held(site, monkeypatch) -> Iterator[None]:
     """A reconcile pass in a thread of its own, held inside its first storage
@@ -399,3 +467,78 @@ def test_an_export_made_for_a_resource_that_left_meanwhile_is_withdrawn(site, qr
         assert a.mode == "idle"
     assert _res(site.settings, site.plugins, a.mac).state == "idle"
     assert _exported_to(site, qrm_ctx) == [()]
+
+
+def _host_and_partition(site, qrm_ctx):
+    from qrm_core.services import partitions as parts
+
+    host = site.add_node("52:54:00:00:05:01", cpus=8, memory_mb=8192, hypervisors=["fake"])
+    [made] = parts.add_partitions(qrm_ctx, host=host.mac, count=1, cpus=1, memory_mb=256, prefix="vm")
+    return host, made
+
+
+def _partition_state(site, name: str) -> str:
+    from qrm_core.services import partitions as parts
+
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        return parts.show_partition(ctx, name).state
+
+
+def test_the_engine_records_what_a_hypervisor_did_behind_qrm_s_back(site, qrm_ctx) -> None:
+    """Paused, then destroyed on the hypervisor, not through qrm: the periodic
+    partition sync records both, once each, at its interval."""
+    from qrm_core.services.partitions import host_target
+
+    host, made = _host_and_partition(site, qrm_ctx)
+    driver = site.plugins.hypervisor_driver("fake")
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        target = host_target(ctx.session.exec(select(Resource).where(Resource.mac == host.mac)).one())
+    site.step()  # the first pass syncs at once
+    assert _partition_state(site, made.name) == "running"
+    driver.pause_partition(target, made.name)
+    site.step(site.settings.partition_sync_interval / 2)
+    assert _partition_state(site, made.name) == "running"  # not due yet
+    site.step(site.settings.partition_sync_interval / 2)
+    assert _partition_state(site, made.name) == "paused"
+    driver.destroy_partition(target, made.name)
+    site.step(site.settings.partition_sync_interval)
+    assert _partition_state(site, made.name) == "error"
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        messages = [e.message for e in list_events(ctx, limit=100) if e.object_name == made.name]
+    assert sum("running -> paused" in m for m in messages) == 1, messages
+    assert sum("gone from" in m for m in messages) == 1, messages
+
+
+def test_an_unreachable_host_is_reported_once_and_its_recovery_too(site, qrm_ctx, monkeypatch) -> None:
+    from qrm_core.drivers.fake import FakeHypervisor
+    from qrm_core.errors import DriverError
+
+    _host_and_partition(site, qrm_ctx)
+    real = FakeHypervisor.list_partitions
+
+    def unreachable(self, host):
+        raise DriverError("cannot reach hv: connection refused")
+
+    monkeypatch.setattr(FakeHypervisor, "list_partitions", unreachable)
+    for _ in range(3):
+        site.step(site.settings.partition_sync_interval)
+    monkeypatch.setattr(FakeHypervisor, "list_partitions", real)
+    site.step(site.settings.partition_sync_interval)
+    with service_context(site.settings, plugins=site.plugins) as ctx:
+        messages = [e.message for e in list_events(ctx, limit=100)]
+    assert sum("cannot reconcile the partitions" in m and "connection refused" in m for m in messages) == 1
+    assert sum("can be reconciled again" in m for m in messages) == 1
+
+
+def test_partition_sync_runs_at_its_interval_and_can_be_turned_off() -> None:
+    from datetime import timedelta
+
+    from enginekit import Clock
+
+    from qrm_core.engine.sync import PartitionSync
+
+    step, now = PartitionSync(), Clock()()
+    assert step.due(now, 60) and not step.due(now, 0)
+    step.last_run = now
+    assert not step.due(now + timedelta(seconds=59), 60)
+    assert step.due(now + timedelta(seconds=60), 60)

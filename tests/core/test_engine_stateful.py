@@ -1,13 +1,19 @@
 """A hypothesis state machine over the engine: random registrations, nodes dying
-and coming back, VE starts, stops and pool resizes, with invariants after every
-step and convergence checked whenever the world is left alone long enough.
+and coming back, VE starts, stops and pool resizes, partitions added, paused,
+resumed, migrated and removed on hypervisor hosts that may die, with
+invariants after every step and convergence checked whenever the world is
+left alone long enough.
 
 Nodes follow the agent protocol through the services (tests/core/enginekit.py)
-with a fake clock, so a minute of heartbeats takes milliseconds.
+with a fake clock, so a minute of heartbeats takes milliseconds. Partitions'
+VMs are nodes too: they boot when their partition starts, fall silent when it
+is paused or its host dies. The hypervisor is the fake one, told which hosts
+are dead (a call to a dead host fails, as a real one would).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -18,18 +24,53 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlmodel import select
 
 from qrm_core import db
-from qrm_core.models import Resource, VirtualEnvironment
+from qrm_core.config import Settings
+from qrm_core.drivers.base import HostTarget
+from qrm_core.drivers.fake import FakeHypervisor
+from qrm_core.errors import DriverError, QrmError
+from qrm_core.models import Partition, Resource, VirtualEnvironment
+from qrm_core.plugins import HYPERVISOR_GROUP
 from qrm_core.services import boot_images, service_context, storage
+from qrm_core.services import partitions as parts
 from qrm_core.services import virtual_environments as ves
 from qrm_core.testing import empty_database
 
 VE_NAMES = ["a", "b", "c", "d"]
 MACS = [f"52:54:00:00:01:{i:02x}" for i in range(1, 7)]
+HOST_MACS = ["52:54:00:00:02:01", "52:54:00:00:02:02"]
+
+
+class MortalHypervisor(FakeHypervisor):
+    """The fake hypervisor, with hosts that can die: every call about a dead host fails."""
+
+    name = "fake"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.dead: set[str] = set()
+
+    def __getattribute__(self, name: str):
+        attribute = super().__getattribute__(name)
+        if (
+            name.startswith("_")
+            or name in ("dead", "settings", "name", "description")
+            or not callable(attribute)
+        ):
+            return attribute
+
+        def guarded(*args, **kwargs):
+            for target in (*args, *kwargs.values()):
+                if getattr(target, "mac", None) in self.dead:
+                    raise DriverError(f"host {target.label} does not answer")
+            return attribute(*args, **kwargs)
+
+        return guarded
 
 
 class EngineMachine(RuleBasedStateMachine):
     settings_obj = None
     plugins_obj = None
+    hypervisor: MortalHypervisor
 
     @initialize(
         memories=st.lists(st.sampled_from([512, 2048]), min_size=2, max_size=5),
@@ -38,21 +79,32 @@ class EngineMachine(RuleBasedStateMachine):
             min_size=1,
             max_size=3,
         ),
+        partitioned=st.lists(st.sampled_from(HOST_MACS), min_size=1, max_size=3),
     )
-    def setup(self, memories: list[int], specs: list[tuple[bool, int, bool, int]]) -> None:
+    def setup(
+        self, memories: list[int], specs: list[tuple[bool, int, bool, int]], partitioned: list[str]
+    ) -> None:
         """A site with machines and running VEs: the random steps then disturb it."""
         empty_database(db.get_engine(self.settings_obj))
         with service_context(self.settings_obj, plugins=self.plugins_obj) as ctx:
             storage.add_storage(ctx, name="st", type="fake", address="10.0.0.2")
-            storage.add_filesystem_image(ctx, name="root", storage="st", location="/r")
+            for name in VE_NAMES:  # one image each: a VE that writes its image has it alone
+                storage.add_filesystem_image(ctx, name=f"root-{name}", storage="st", location=f"/r-{name}")
             boot_images.add_boot_image(ctx, name="idle", kernel_version="6.1")
         self.site = Site(self.settings_obj, self.plugins_obj)
         self.desired: dict[str, str] = {}
         self.pools: dict[str, int] = {}
         self.failover: dict[str, bool] = {}
         self.quiet_steps = 0
+        self.hypervisor.dead.clear()
+        shutil.rmtree(self.settings_obj.state_dir / "fake-hypervisor", ignore_errors=True)
+        self.partition_hosts: dict[str, str] = {}  # partition VM MAC -> host MAC, as the hypervisor says
+        for mac in HOST_MACS:
+            self.site.add_node(mac, cpus=4, memory_mb=4096, hypervisors=["fake"])
         for mac, memory in zip(MACS, memories, strict=False):
             self.site.add_node(mac, memory_mb=memory)
+        for host in partitioned:  # partitions from the start, for the partition rules to work on
+            self.add_partitions(host, 1, 512)
         for name, (shared, pool, failover, memory) in zip(VE_NAMES, specs, strict=False):
             self.create(name, shared, pool, failover, memory)
             self.start_named(name)
@@ -101,7 +153,7 @@ class EngineMachine(RuleBasedStateMachine):
                 ctx,
                 name=name,
                 boot_image="idle",
-                fs_image="root",
+                fs_image=f"root-{name}",
                 deployment="shared" if shared else "single",
                 pool_size=pool if shared else None,
                 failover=failover,
@@ -141,6 +193,95 @@ class EngineMachine(RuleBasedStateMachine):
         with service_context(self.settings_obj, plugins=self.plugins_obj) as ctx:
             ves.resize_ve(ctx, name, size)
         self.pools[name] = size
+        self.quiet_steps = 0
+
+    # -- partitions ----------------------------------------------------------
+
+    def _service(self, action, *args, **kwargs):
+        """Run a partition operation as an operator would; a refusal changes nothing and is fine."""
+        with service_context(self.settings_obj, actor="operator", plugins=self.plugins_obj) as ctx:
+            try:
+                return action(ctx, *args, **kwargs)
+            except QrmError:
+                return None
+
+    def _partitions(self, state: str | None = None) -> list[Partition]:
+        """Every partition; those in ``state`` if there are any (so that rules mostly act on something)."""
+        with service_context(self.settings_obj, plugins=self.plugins_obj) as ctx:
+            rows = list(ctx.session.exec(select(Partition).order_by(Partition.id)).all())
+            ctx.session.commit()
+        return [p for p in rows if p.state == state] or rows
+
+    @rule(host=st.sampled_from(HOST_MACS), count=st.integers(1, 2), memory=st.sampled_from([512, 1024]))
+    def add_partitions(self, host: str, count: int, memory: int) -> None:
+        made = self._service(parts.add_partitions, host=host, count=count, cpus=1, memory_mb=memory)
+        for p in made or []:
+            self.partition_hosts[p.mac] = host
+            self.site.add_node(p.mac, cpus=1, memory_mb=memory)  # the VM boots from the network
+        self.quiet_steps = 0
+
+    @precondition(lambda self: self.partition_hosts)
+    @rule(data=st.data(), force=st.booleans())
+    def pause_partition(self, data, force: bool) -> None:
+        partition = data.draw(st.sampled_from(self._partitions("running")))
+        if self._service(parts.pause_partition, partition.name, force=force) is not None:
+            self.site.nodes[partition.mac].alive = False  # a paused VM says nothing
+        self.quiet_steps = 0
+
+    @precondition(lambda self: self.partition_hosts)
+    @rule(data=st.data())
+    def resume_partition(self, data) -> None:
+        partition = data.draw(st.sampled_from(self._partitions("paused")))
+        if self._service(parts.resume_partition, partition.name, now=self.site.clock()) is not None:
+            self.site.nodes[partition.mac].alive = True
+        self.quiet_steps = 0
+
+    @precondition(lambda self: self.partition_hosts)
+    @rule(data=st.data(), to=st.sampled_from(HOST_MACS), offline=st.booleans())
+    def migrate_partition(self, data, to: str, offline: bool) -> None:
+        partition = data.draw(st.sampled_from(self._partitions("running")))
+        moved = self._service(
+            parts.migrate_partition, partition.name, to, offline=offline, now=self.site.clock()
+        )
+        if moved is not None:
+            self.partition_hosts[partition.mac] = to
+            node = self.site.nodes[partition.mac]
+            if offline and moved.state == "running":
+                node.alive, node.token = True, None  # stopped, moved, started: it boots again
+        self.quiet_steps = 0
+
+    @precondition(lambda self: self.partition_hosts)
+    @rule(data=st.data())
+    def remove_partition(self, data) -> None:
+        partition = data.draw(st.sampled_from(self._partitions()))
+        if self._service(parts.remove_partition, partition.name) is not None:
+            self.partition_hosts.pop(partition.mac)
+            self.site.nodes.pop(partition.mac)  # the VM is no more
+        self.quiet_steps = 0
+
+    @rule(host=st.sampled_from(HOST_MACS))
+    def host_fails(self, host: str) -> None:
+        """A hypervisor host dies, and every partition on it with it."""
+        self.hypervisor.dead.add(host)
+        self.site.nodes[host].alive = False
+        for vm, where in self.partition_hosts.items():
+            if where == host:
+                self.site.nodes[vm].alive = False
+        self.quiet_steps = 0
+
+    @rule(host=st.sampled_from(HOST_MACS))
+    def host_comes_back(self, host: str) -> None:
+        """The host boots again; the partitions its hypervisor runs start with it."""
+        if host not in self.hypervisor.dead:
+            return
+        self.hypervisor.dead.discard(host)
+        node = self.site.nodes[host]
+        node.alive, node.token = True, None
+        state = self.hypervisor.list_partitions(HostTarget(0, host, None, None, 4, 4096))
+        for info in state:
+            if info.state == "running" and info.mac in self.site.nodes:
+                vm = self.site.nodes[info.mac]
+                vm.alive, vm.token = True, None
         self.quiet_steps = 0
 
     @rule(seconds=st.sampled_from([1.0, 5.0, 20.0]))
@@ -185,6 +326,39 @@ class EngineMachine(RuleBasedStateMachine):
             if node.alive and node.mode == "ve" and r.state == "active":
                 assert ve_rows[r.ve_id].name == node.ve
 
+    @invariant()
+    def no_partition_on_two_hosts_and_none_lost(self) -> None:
+        """What qrm records of partitions is what the hypervisor has: each
+        partition on exactly one host (its recorded one), none the hypervisor
+        has that qrm does not know, a resource of a partition on its host."""
+        if not hasattr(self, "site"):
+            return
+        rows = self._partitions()
+        resources, _ = self._snapshot()
+        by_id = {r.id: r for r in resources}
+        hosts = {r.id: r.mac for r in resources if r.mac in HOST_MACS}
+        on_hypervisor: dict[str, list[str]] = {}
+        for mac in HOST_MACS:
+            for info in FakeHypervisor.list_partitions(
+                self.hypervisor, HostTarget(0, mac, None, None, 4, 4096)
+            ):
+                on_hypervisor.setdefault(info.name, []).append(mac)
+        for name, where in on_hypervisor.items():
+            assert len(where) == 1, f"partition {name} is on {where}"
+        assert set(on_hypervisor) <= {p.name for p in rows}, "the hypervisor has a partition qrm lost"
+        for p in rows:
+            if p.state not in ("creating", "error"):
+                assert on_hypervisor.get(p.name) == [hosts[p.host_id]], f"{p.name} recorded on the wrong host"
+            if p.resource_id is not None:
+                resource = by_id[p.resource_id]
+                assert resource.host_id == p.host_id, f"{p.name}'s resource is on another host"
+                if resource.state == "paused":
+                    assert p.state == "paused", f"{p.name}'s resource is paused, the partition {p.state}"
+        for r in resources:
+            assert r.state != "paused" or any(p.resource_id == r.id for p in rows), (
+                f"{r.mac} paused, no partition"
+            )
+
     def teardown(self) -> None:
         if hasattr(self, "site"):
             self.left_alone()
@@ -204,8 +378,10 @@ class EngineMachine(RuleBasedStateMachine):
         alive = {m for m, n in self.site.nodes.items() if n.alive}
         for r in resources:
             if r.mac not in alive:
-                assert r.state == "error" or r.state == "new", f"dead {r.mac} is {r.state}"
-                if r.ve_id is not None:
+                # Silent: failed, never seen, or a paused partition (silent on purpose: not failed,
+                # kept by its VE), or a partition qrm stopped (off).
+                assert r.state in ("error", "new", "paused", "off"), f"dead {r.mac} is {r.state}"
+                if r.ve_id is not None and r.state == "error":
                     assert not self.failover[ve_rows[r.ve_id].name], "failed member kept despite failover"
         free = [r for r in resources if r.mac in alive and r.ve_id is None and r.state == "idle"]
         for name, desired in self.desired.items():
@@ -235,6 +411,8 @@ class EngineMachine(RuleBasedStateMachine):
 def test_engine_state_machine(qrm_settings, qrm_plugins) -> None:
     EngineMachine.settings_obj = qrm_settings
     EngineMachine.plugins_obj = qrm_plugins
+    EngineMachine.hypervisor = MortalHypervisor(qrm_settings)
+    qrm_plugins.add_driver(HYPERVISOR_GROUP, EngineMachine.hypervisor)
     test = EngineMachine.TestCase
     test.settings = settings(
         max_examples=40,

@@ -30,7 +30,7 @@ HOST2 = HostTarget(
 
 def test_partition_life_cycle_and_capacity(settings: Settings) -> None:
     hv = FakeHypervisor(settings)
-    info = hv.create_partition(HOST, PartitionSpec(name="vm1", cpus=2, memory_mb=600))
+    info = hv.create_partition(HOST, PartitionSpec(name="vm1", cpus=2, memory_mb=600, max_cpus=3))
     assert info.state == "stopped" and info.mac.startswith("52:54:00:")
     hv.create_partition(HOST, PartitionSpec(name="vm2", cpus=1, memory_mb=600, mac="52:54:00:aa:bb:cc"))
     hv.start_partition(HOST, "vm1")
@@ -43,6 +43,8 @@ def test_partition_life_cycle_and_capacity(settings: Settings) -> None:
     with pytest.raises(DriverError):
         hv.stop_partition(HOST, "vm1")
     hv.unpause_partition(HOST, "vm1")
+    with pytest.raises(DriverError, match="at most 3 CPUs while running"):
+        hv.set_vcpus(HOST, "vm1", 4)  # above the maximum set at creation
     hv.set_vcpus(HOST, "vm1", 3)
     hv.pin_vcpus(HOST, "vm1", {0: (0, 1), 2: (3,)})
     assert hv.get_partition(HOST, "vm1").cpu_pinning == {0: (0, 1), 2: (3,)}
@@ -50,6 +52,13 @@ def test_partition_life_cycle_and_capacity(settings: Settings) -> None:
         hv.pin_vcpus(HOST, "vm1", {5: (0,)})
     with pytest.raises(DriverError):
         hv.set_memory(HOST, "vm1", 2000)
+    # A persistent change alone takes effect at the next start.
+    hv.set_memory(HOST, "vm1", 400, live=False)
+    assert hv.get_partition(HOST, "vm1").memory_mb == 600
+    hv.stop_partition(HOST, "vm1")
+    assert hv.get_partition(HOST, "vm1").memory_mb == 400
+    hv.start_partition(HOST, "vm1")
+    assert hv.get_partition(HOST, "vm1").memory_mb == 400
     # A second driver instance (another process) sees the same state.
     assert [p.name for p in FakeHypervisor(settings).list_partitions(HOST)] == ["vm1", "vm2"]
     hv.stop_partition(HOST, "vm1")
@@ -65,7 +74,9 @@ def test_migration_needs_room_and_moves_the_partition(settings: Settings) -> Non
     with pytest.raises(DriverError, match="memory"):
         hv.migrate_partition(HOST, "big", HOST2)
     hv.set_memory(HOST, "big", 256)
+    hv.pin_vcpus(HOST, "big", {0: (3,)})
     hv.migrate_partition(HOST, "big", HOST2)
+    assert hv.get_partition(HOST2, "big").cpu_pinning == {}  # pinning names the source's CPUs
     assert hv.list_partitions(HOST) == []
     assert hv.get_partition(HOST2, "big").state == "running"
     with pytest.raises(InvalidInput):

@@ -186,19 +186,85 @@ def test_a_first_registration_tells_listening_plugins(qrm_settings, qrm_plugins)
     )
 
 
+def test_a_first_registration_tells_plugins_without_reading_the_row_again(qrm_settings, qrm_plugins) -> None:
+    """With plugins listening, a first registration runs the statements it runs
+    without them (the hooks' view is built from the row just written, not read
+    back in one more transaction: docs/benchmarks.md, "Registrations with the
+    plugins installed"), and that view is the row as the database holds it."""
+    from qrm_core import hookimpl
+    from qrm_core.db import get_engine
+    from qrm_core.services import public
+
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    engine = get_engine(qrm_settings)
+    _register(qrm_settings, qrm_plugins, "02:51:00:00:03:00")  # connections made, schema checked
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        _register(qrm_settings, qrm_plugins, "02:51:00:00:03:01")
+        alone = list(statements)
+        added: list = []
+        changed: list = []
+
+        class Listener:
+            @hookimpl
+            def qrm_resource_added(self, resource, ctx) -> None:
+                added.append(resource)
+
+            @hookimpl
+            def qrm_resource_state_changed(self, resource, old_state, ctx) -> None:
+                changed.append(resource)
+
+        qrm_plugins.register(Listener(), "listener")
+        statements.clear()
+        reg = _register(
+            qrm_settings, qrm_plugins, "02:51:00:00:03:02", hostname="db1", hypervisors=["xen", "qemu"]
+        )
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    assert statements == alone, (alone, statements)
+    assert len(added) == 1 and changed == added
+    with service_context(qrm_settings, plugins=qrm_plugins) as ctx:
+        stored = public.one_resource(ctx.session, ctx.session.get(Resource, reg.resource_id))
+
+    def comparable(resource) -> dict:
+        data = resource.model_dump()
+        for key in ("last_seen", "created_at", "state_changed_at"):  # the database's own precision
+            data[key] = data[key].replace(microsecond=0, tzinfo=None)
+        return data
+
+    assert comparable(added[0]) == comparable(stored)
+    assert (added[0].hostname, added[0].capabilities, added[0].state) == ("db1", ["qemu", "xen"], "idle")
+
+
 def test_a_first_registration_that_loses_a_race_is_registered_once(qrm_settings, qrm_plugins) -> None:
     """Two agents with one MAC registering at the same moment: one resource, and
-    the later token is the one that counts (registration is idempotent)."""
+    one token; the others see the winner's live registration and are refused
+    (a machine keeps its identity while its agent is alive, issue 15)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(_: int) -> agent.Registration | agent.RegistrationRefused:
+        try:
+            return _register(qrm_settings, qrm_plugins, mac, source="198.18.0.7")
+        except agent.RegistrationRefused as exc:
+            return exc
 
     mac = "02:51:00:00:03:01"
     with ThreadPoolExecutor(8) as pool:
-        regs = list(pool.map(lambda _: _register(qrm_settings, qrm_plugins, mac), range(8)))
-    assert len({r.resource_id for r in regs}) == 1
+        outcomes = list(pool.map(attempt, range(8)))
+    regs = [o for o in outcomes if isinstance(o, agent.Registration)]
+    assert len(regs) == 1
     with service_context(qrm_settings, plugins=qrm_plugins) as ctx:
         assert len(ctx.session.exec(select(Resource).where(Resource.mac == mac)).all()) == 1
         registered = ctx.session.exec(select(Event).where(Event.message.like("%registered (physical)"))).all()
         assert len(registered) == 1
+        refused = ctx.session.exec(
+            select(Event).where(Event.message.like("%refused: its agent is alive%"))
+        ).all()
+        assert len(refused) == 7 and all("from 198.18.0.7" in e.message for e in refused)
 
 
 def _heartbeat(settings, plugins, rid: int, token: str | None, **kwargs):

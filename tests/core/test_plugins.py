@@ -164,3 +164,31 @@ def test_comma_separated_settings_from_the_environment(monkeypatch) -> None:
     settings = Settings()
     assert settings.disable_plugins == ["a", "b"]
     assert settings.enabled_storage == ["fake", "nfs"] and settings.enabled_hypervisors is None
+
+
+def test_a_failing_console_plugin_gets_an_error_panel_and_spoils_nothing(qrm_ctx, qrm_plugins) -> None:
+    from qrm_core.context import ConsoleLink, ConsolePanel
+
+    class Good:
+        @hookimpl
+        def qrm_console_links(self, object_type):
+            return [ConsoleLink("Nagios", "/nagios/")]
+
+        @hookimpl
+        def qrm_console_panels(self, object_type):
+            return [ConsolePanel("Nagios", rows=(("PING", "OK"),), status="ok")]
+
+    class Bad:
+        @hookimpl
+        def qrm_console_panels(self, object_type):
+            raise RuntimeError("rack database unreachable")
+
+    qrm_plugins.register(Good(), "good")
+    qrm_plugins.register(Bad(), "bad")
+    links, panels = qrm_plugins.hooks.console_contributions("resource", "52:54:00:00:00:01", qrm_ctx.hook_ctx)
+    assert links == [ConsoleLink("Nagios", "/nagios/")]
+    assert ConsolePanel("Nagios", rows=(("PING", "OK"),), status="ok") in panels
+    [error] = [p for p in panels if p.title == "Plugin bad"]
+    assert error.rows == (("error", "failed in qrm_console_panels: rack database unreachable"),)
+    with pytest.raises(PluginError, match="'bad'"):
+        qrm_plugins.hooks.console_panels("resource", "52:54:00:00:00:01", qrm_ctx.hook_ctx)

@@ -33,10 +33,11 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
 def _seed(settings, plugins, *, ves_: dict[str, dict] | None = None) -> str:
     with service_context(settings, plugins=plugins) as ctx:
         storage.add_storage(ctx, name="st", type="fake", address="10.0.0.2")
-        storage.add_filesystem_image(ctx, name="root", storage="st", location="/r")
         boot_images.add_boot_image(ctx, name="idle", kernel_version="6.1")
         for name, options in (ves_ or {}).items():
-            ves.create_ve(ctx, name=name, boot_image="idle", fs_image="root", **options)
+            # Each VE its own image: a single VE's image is exported read-write to it alone.
+            storage.add_filesystem_image(ctx, name=f"root-{name}", storage="st", location=f"/r/{name}")
+            ves.create_ve(ctx, name=name, boot_image="idle", fs_image=f"root-{name}", **options)
         return site.get_enrollment_token(ctx)
 
 

@@ -7,6 +7,7 @@ from sqlmodel import select
 
 from qrm_core.errors import (
     AlreadyExists,
+    Conflict,
     DriverNotFound,
     IllegalTransition,
     InUse,
@@ -220,19 +221,19 @@ def test_users_and_passwords(qrm_ctx) -> None:
     admin, created = users.ensure_admin(qrm_ctx, None)
     assert created and admin.role == "admin"
     assert users.default_password_unchanged(qrm_ctx)
-    users.ensure_admin(qrm_ctx, "s3cret")
+    users.ensure_admin(qrm_ctx, "s3cret-admin")
     assert not users.default_password_unchanged(qrm_ctx)
-    assert users.authenticate(qrm_ctx, "qrm", "s3cret").name == "qrm"
+    assert users.authenticate(qrm_ctx, "qrm", "s3cret-admin").name == "qrm"
     from qrm_core.errors import AuthError
 
     with pytest.raises(AuthError):
         users.authenticate(qrm_ctx, "qrm", "qrm")
     stored = qrm_ctx.session.exec(select(users.User)).first()
     assert stored.password_hash.startswith("$argon2")
-    with pytest.raises(InvalidInput, match="last admin"):
+    with pytest.raises(Conflict, match="last admin"):
         users.remove_user(qrm_ctx, "qrm")
     with pytest.raises(InvalidInput, match="role"):
-        users.create_user(qrm_ctx, name="op", password="x", role="root")
+        users.create_user(qrm_ctx, name="op", password="op-password-1", role="root")
 
 
 def test_events_after_id_and_limit(qrm_ctx) -> None:

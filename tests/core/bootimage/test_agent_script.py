@@ -163,3 +163,124 @@ def test_mask_to_prefix(agent: Path) -> None:
             text=True,
         )
         assert done.stdout.strip() == prefix
+
+
+def root_plan(agent: Path, cmdline: str) -> tuple[str, str]:
+    done = subprocess.run(
+        [BUSYBOX, "sh", str(agent), "--root-plan"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={"QRM_AGENT_CMDLINE": cmdline, "PATH": "/usr/bin:/bin"},
+    )
+    plan, error = done.stdout.splitlines()
+    return plan.strip(), error.removeprefix("error=")
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "plan"),
+    [
+        (
+            "root=/dev/nfs nfsroot=10.0.11.35:/exports/web,vers=3,tcp rw",
+            "kind=nfs mode=rw overlay= 10.0.11.35:/exports/web options=vers=3,tcp",
+        ),
+        (
+            "root=/dev/nfs nfsroot=10.0.11.35:/exports/web ro qrm.overlay=tmpfs",
+            "kind=nfs mode=ro overlay=tmpfs 10.0.11.35:/exports/web options=",
+        ),
+        # An overlay makes the image read-only whatever else the line says.
+        (
+            "qrm.iscsi=10.0.11.36:3260:1:iqn.2024-01.org.qrm:st.web qrm.initiator=iqn.2005-03.org.qrm:node-1 "
+            "rootfstype=ext4 rw qrm.overlay=tmpfs",
+            "kind=iscsi mode=ro overlay=tmpfs 10.0.11.36:3260 lun=1 target=iqn.2024-01.org.qrm:st.web "
+            "initiator=iqn.2005-03.org.qrm:node-1 fstype=ext4",
+        ),
+        (
+            "qrm.rootfs=http://10.0.0.1:8080/r.tar.gz",
+            "kind=archive mode=rw overlay= http://10.0.0.1:8080/r.tar.gz",
+        ),
+        ("console=ttyS0", "kind= mode=rw overlay="),
+    ],
+)
+def test_root_arguments(agent: Path, cmdline: str, plan: str) -> None:
+    assert root_plan(agent, cmdline) == (plan, "")
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "error"),
+    [
+        ("root=/dev/nfs nfsroot=10.0.11.35", "invalid nfsroot=10.0.11.35"),
+        ("root=/dev/nfs nfsroot=host.example:/x", "invalid nfsroot=host.example:/x"),
+        ("root=/dev/nfs nfsroot=10.0.11.35:/x/../etc", "invalid nfsroot=10.0.11.35:/x/../etc"),
+        ("root=/dev/nfs nfsroot=10.0.11.35:/x;reboot", "invalid nfsroot=10.0.11.35:/x;reboot"),
+        (
+            "root=/dev/nfs nfsroot=10.0.11.35:/x,vers=3,$(reboot)",
+            "invalid nfsroot=10.0.11.35:/x,vers=3,(reboot)",
+        ),
+        ("root=/dev/nfs nfsroot=10.0.11.35:/x,Port=99", "invalid nfsroot=10.0.11.35:/x,Port=99"),
+        ("qrm.iscsi=10.0.11.36:3260:1:not-an-iqn", "invalid qrm.iscsi=10.0.11.36:3260:1:not-an-iqn"),
+        ("qrm.iscsi=10.0.11.36:99999:1:iqn.2024-01.org.qrm:x", "invalid qrm.iscsi="),
+        ("qrm.iscsi=10.0.11.36:3260:x:iqn.2024-01.org.qrm:x", "invalid qrm.iscsi="),
+        ("qrm.iscsi=10.0.11.36:3260:1:iqn.2024-01.org.qrm:x`id`", "invalid qrm.iscsi="),
+        (
+            "qrm.iscsi=10.0.11.36:3260:1:iqn.2024-01.org.qrm:x qrm.initiator=iqn.x;y",
+            "invalid qrm.initiator=iqn.x;y",
+        ),
+        ("qrm.iscsi=10.0.11.36:3260:1:iqn.2024-01.org.qrm:x rootfstype=vfat", "unsupported rootfstype=vfat"),
+        ("root=/dev/nfs nfsroot=10.0.11.35:/x qrm.overlay=disk", "unknown qrm.overlay=disk (only tmpfs)"),
+    ],
+)
+def test_malformed_root_arguments_are_refused(agent: Path, cmdline: str, error: str) -> None:
+    _, said = root_plan(agent, cmdline)
+    assert said.startswith(error), said
+    # What the agent says is fit for a heartbeat's reason: no shell or JSON metacharacters.
+    assert not set(said) & set("`$\"'\\<>|&")
+
+
+@pytest.mark.parametrize(
+    ("sockets", "xen", "qemu", "expected"),
+    [
+        ((), "", True, "[]"),  # QEMU installed, no libvirt daemon: not a host
+        (("libvirt-sock",), "", True, '["qemu"]'),
+        (("virtqemud-sock",), "", True, '["qemu"]'),
+        (("libvirt-sock",), "control_d\n", False, '["xen"]'),
+        (("libvirt-sock",), "control_d\n", True, '["xen", "qemu"]'),
+        (("libvirt-sock",), "", False, "[]"),  # a daemon with nothing to run
+        (("libvirt-sock",), "\n", False, "[]"),  # a Xen guest (domU), not dom0
+    ],
+)
+def test_a_running_libvirt_daemon_makes_a_host(
+    agent: Path, tmp_path: Path, sockets, xen, qemu, expected
+) -> None:
+    """detect_hypervisors: what register() reports in "hypervisors" (the server keeps it as
+    the machine's capabilities, which make it a host of those hypervisors)."""
+    import socket as sockets_module
+
+    run = tmp_path / "run"
+    run.mkdir()
+    made = []
+    for name in sockets:
+        sock = sockets_module.socket(sockets_module.AF_UNIX)
+        sock.bind(str(run / name))
+        made.append(sock)
+    caps = tmp_path / "capabilities"
+    if xen:
+        caps.write_text(xen)
+    binary = tmp_path / "qemu-system-x86_64"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755 if qemu else 0o644)
+    setup = (
+        f'LIBVIRT_SOCKETS="{run}/libvirt-sock {run}/virtqemud-sock"\n'
+        f"XEN_CAPABILITIES={caps}\nQEMU_BINARIES={binary}\n"
+    )
+    try:
+        done = subprocess.run(
+            [BUSYBOX, "sh", "-c", setup + functions(agent, ["detect_hypervisors"]) + "detect_hypervisors"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    finally:
+        for sock in made:
+            sock.close()
+    assert (done.returncode, done.stdout) == (0, expected)

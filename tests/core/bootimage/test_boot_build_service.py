@@ -51,6 +51,9 @@ def sqlite_ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
         database.engine.dispose()
 
 
+# SQLite only: the build is the same on each; recording it is a boot image row and an event,
+# as in test_services.py::test_boot_images_store_files_and_keep_one_default on all three databases.
+@pytest.mark.qrm_backends("sqlite")
 def test_create_records_a_bootable_image(qrm_ctx, kernel_tree: kernels.KernelTree) -> None:
     kernel_version = kernel_tree.version
     seen: list[str] = []

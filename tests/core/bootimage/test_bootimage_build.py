@@ -80,6 +80,37 @@ def test_the_initrd_holds_agent_busybox_and_ordered_modules(boot_image: builder.
     assert nic[0] == "virtio_net" and "e1000" in nic and "ahci" not in nic
 
 
+def test_network_roots_have_their_modules_and_initiator(
+    boot_image: builder.BuildResult, kernel_tree: kernels.KernelTree, tmp_path: Path
+) -> None:
+    """NFS and iSCSI clients, ext4 and overlayfs for network roots; open-iscsi's
+    iscsistart with every library its loader needs (where the build host has it)."""
+    files = members(boot_image)
+    assert {"nfsv3", "nfsv4", "iscsi_tcp", "libiscsi", "scsi_transport_iscsi", "ext4", "overlay"} <= set(
+        boot_image.modules
+    )
+    load = {
+        line.split()[0]: line.split()[1:] for line in files["etc/qrm/modules.load"][1].decode().splitlines()
+    }
+    ext4 = [p.rsplit("/", 1)[-1] for p in load["ext4"]]
+    assert ext4.index("jbd2.ko") < ext4.index("ext4.ko") and "crc32c_generic.ko" in ext4  # a softdep
+    if not Path("/usr/sbin/iscsistart").is_file():
+        pytest.skip(
+            "open-iscsi is not installed here: the image has no iSCSI initiator (apt-get install open-iscsi)"
+        )
+    assert boot_image.iscsi_initiator == "/usr/sbin/iscsistart"
+    assert files["usr/sbin/iscsistart"][1] == Path("/usr/sbin/iscsistart").read_bytes()
+    assert "iscsi=/usr/sbin/iscsistart" in files["etc/qrm/release"][1].decode()
+    for library in builder.shared_libraries(Path("/usr/sbin/iscsistart")):
+        assert files[library.lstrip("/")][1][:4] == b"\x7fELF", library
+    assert any(p.startswith("lib64/ld-linux") for p in files)
+    # Without it: no initiator, and the release file says so.
+    bare = builder.build_initrd(kernel_tree, tmp_path / "o", work_dir=tmp_path / "w", iscsistart=None)
+    assert bare.iscsi_initiator is None
+    bare_files = members(bare)
+    assert "usr/sbin/iscsistart" not in bare_files and "iscsi=\n" in bare_files["etc/qrm/release"][1].decode()
+
+
 def test_busybox_modprobe_agrees_with_the_order(boot_image: builder.BuildResult, tmp_path: Path) -> None:
     """The real module tools read the shipped tree: depmod accepts it and the
     dependencies it computes match modules.load."""
