@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from sqlmodel import select
 from qrm_core.config import Settings
 from qrm_core.models import Event
 from qrm_core.testing import missing
+from qrm_core.testkit import Netns
 from qrm_dhcpd.service import ManagedDhcpServer
 from qrm_dhcpd.settings import load_settings
 
@@ -55,10 +55,6 @@ def need_root_netns() -> None:
     if os.geteuid() != 0:
         missing("network namespaces", "the DHCP tests run as root (ip netns, raw sockets)")
     need("ip", "iproute2")
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 @dataclass
@@ -92,33 +88,44 @@ class Wire:
 
     def __init__(self, tmp: Path) -> None:
         n = next(_counter)
+        self.tag = f"d{n}"
         tag = f"{os.getpid() % 100000}{n}"
-        self.server_ns = f"qd{tag}s"
-        self.client_ns = f"qd{tag}c"
         self.server_if = f"qd{tag}S"[:15]
         self.client_if = f"qd{tag}C"[:15]
+        self.server: Netns | None = None
+        self.client: Netns | None = None
         self.tmp = tmp
         self.hook = tmp / "udhcpc-hook.sh"
         self.hook.write_text(UDHCPC_HOOK)
         self.hook.chmod(0o755)
         self.busybox = need("busybox", "busybox-static")
 
+    @property
+    def server_ns(self) -> str:
+        assert self.server is not None, "the wire is not up"
+        return self.server.name
+
+    @property
+    def client_ns(self) -> str:
+        assert self.client is not None, "the wire is not up"
+        return self.client.name
+
     def up(self) -> Wire:
-        sh("ip", "netns", "add", self.server_ns)
-        sh("ip", "netns", "add", self.client_ns)
-        sh(
-            "ip", "link", "add", self.server_if, "netns", self.server_ns, "type", "veth",
-            "peer", "name", self.client_if, "netns", self.client_ns,
+        self.server = Netns(f"{self.tag}s")
+        self.client = Netns(f"{self.tag}c")
+        self.server.ip(
+            "link", "add", self.server_if, "type", "veth", "peer", "name", self.client_if,
+            "netns", self.client.name,
         )  # fmt: skip
-        sh("ip", "-n", self.server_ns, "addr", "add", f"{SERVER_IP}/24", "dev", self.server_if)
-        for ns, ifname in ((self.server_ns, self.server_if), (self.client_ns, self.client_if)):
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "link", "set", ifname, "up")
+        self.server.ip("addr", "add", f"{SERVER_IP}/24", "dev", self.server_if)
+        self.server.ip("link", "set", self.server_if, "up")
+        self.client.ip("link", "set", self.client_if, "up")
         return self
 
     def down(self) -> None:
-        for ns in (self.server_ns, self.client_ns):
-            subprocess.run(["ip", "netns", "del", ns], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for ns in (self.server, self.client):
+            if ns is not None:
+                ns.delete()
 
     def dhcp(
         self,
@@ -132,8 +139,9 @@ class Wire:
         tries: int = 3,
     ) -> Offer | None:
         """One DHCP exchange from ``mac``; the offer, or None if no server answered."""
-        sh("ip", "-n", self.client_ns, "link", "set", self.client_if, "address", mac)
-        sh("ip", "-n", self.client_ns, "addr", "flush", "dev", self.client_if)
+        assert self.client is not None
+        self.client.ip("link", "set", self.client_if, "address", mac)
+        self.client.ip("addr", "flush", "dev", self.client_if)
         out = self.tmp / "offer.env"
         out.unlink(missing_ok=True)
         argv = ["ip", "netns", "exec", self.client_ns, self.busybox, "udhcpc", "-i", self.client_if]
@@ -222,37 +230,30 @@ class Bridge:
     """One namespace with a bridge (the DHCP server's side) and a tap for a QEMU guest."""
 
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}{next(_counter)}"
-        self.ns = f"qd{tag}b"
+        self.tag = f"b{next(_counter)}"
+        self.netns: Netns | None = None
         self.bridge = "br0"
         self.tap = "tap0"
 
+    @property
+    def ns(self) -> str:
+        assert self.netns is not None, "the bridge is not up"
+        return self.netns.name
+
     def up(self) -> Bridge:
-        sh("ip", "netns", "add", self.ns)
+        self.netns = ns = Netns(self.tag)
         # forward_delay 0: otherwise the new port drops the server's replies for seconds
-        sh(
-            "ip",
-            "-n",
-            self.ns,
-            "link",
-            "add",
-            self.bridge,
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        )
-        sh("ip", "-n", self.ns, "addr", "add", f"{SERVER_IP}/24", "dev", self.bridge)
-        sh("ip", "-n", self.ns, "tuntap", "add", "dev", self.tap, "mode", "tap")
-        sh("ip", "-n", self.ns, "link", "set", self.tap, "master", self.bridge)
-        for ifname in ("lo", self.bridge, self.tap):
-            sh("ip", "-n", self.ns, "link", "set", ifname, "up")
+        ns.ip("link", "add", self.bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        ns.ip("addr", "add", f"{SERVER_IP}/24", "dev", self.bridge)
+        ns.ip("tuntap", "add", "dev", self.tap, "mode", "tap")
+        ns.ip("link", "set", self.tap, "master", self.bridge)
+        for ifname in (self.bridge, self.tap):
+            ns.ip("link", "set", ifname, "up")
         return self
 
     def down(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.ns], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.netns is not None:
+            self.netns.delete()
 
 
 @dataclass
@@ -296,14 +297,6 @@ def parse_reply(frame: bytes) -> Reply | None:
         file=bootp[108:236].split(b"\x00", 1)[0].decode(errors="replace"),
         options=options,
     )
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 class Threads:

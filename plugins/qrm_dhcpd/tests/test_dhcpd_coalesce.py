@@ -12,9 +12,10 @@ import threading
 import time
 
 import pytest
-from dhcpdlab import Threads, wait_until
+from dhcpdlab import Threads
 
 from qrm_core.errors import PluginError
+from qrm_core.testkit import wait_until
 from qrm_dhcpd.coalesce import RewriteCoordinator, coordinator_for
 
 DEADLINE = 60.0

@@ -198,6 +198,31 @@ def test_hooks_do_nothing_when_not_configured(
     assert qrm_dhcpd.plugin.qrm_collect_services(HookContext(qrm_settings, "tester")) == []
 
 
+def test_hooks_build_the_settings_once_until_they_change(
+    monkeypatch: pytest.MonkeyPatch, qrm_ctx, qrm_plugins: PluginSystem
+) -> None:  # type: ignore[no-untyped-def]
+    """The hooks run on every registration; building the settings there was
+    half of a registration's CPU (docs/benchmarks.md). They are built once,
+    and again when the environment changes."""
+    from qrm_dhcpd.settings import DhcpdSettings
+
+    builds: list[int] = []
+    original = DhcpdSettings.load.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, **kwargs):  # type: ignore[no-untyped-def]
+        builds.append(1)
+        return original(cls, **kwargs)
+
+    monkeypatch.setattr(DhcpdSettings, "load", classmethod(counted))
+    qrm_plugins.register(qrm_dhcpd.plugin, "dhcpd")
+    for i in range(1, 4):
+        add_resource(qrm_ctx, mac=f"52:54:00:00:00:0{i}", ip=f"10.99.0.4{i}")
+    assert len(builds) == 1
+    monkeypatch.setenv("QRM_DHCPD_LEASE_TIME", "900")
+    add_resource(qrm_ctx, mac="52:54:00:00:00:04", ip="10.99.0.44")
+    assert len(builds) == 2 and load_settings().lease_time == 900
+
+
 def test_hooks_rewrite_the_file_when_the_server_is_down(
     backend_name: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -243,6 +268,25 @@ def test_managed_service_is_offered_only_when_asked(
     monkeypatch.setenv("QRM_DHCPD_MANAGE", "true")
     (service,) = qrm_dhcpd.plugin.qrm_collect_services(ctx)
     assert isinstance(service, BackgroundService) and service.name == "dhcpd (kea)"
+
+
+def test_the_managed_server_waits_for_a_changed_admin_password(
+    monkeypatch: pytest.MonkeyPatch, qrm_settings: Settings, qrm_ctx, tmp_path: Path
+) -> None:
+    """Issue 15: core's one listening rule; the DHCP server answers beyond loopback,
+    so it is refused in one line, before anything is written or started."""
+    from qrm_core.services import users
+    from qrm_dhcpd.service import ManagedDhcpServer
+
+    users.ensure_admin(qrm_ctx, None)
+    qrm_ctx.commit()
+    dhcpd_env(monkeypatch, backend="kea", manage="true", state_dir=str(tmp_path / "state"))
+    managed = ManagedDhcpServer(load_settings(), qrm_settings)
+    with pytest.raises(InvalidInput) as refused:
+        managed.start()
+    assert refused.value.message.startswith("refusing to listen on ") and "(dhcpd)" in refused.value.message
+    assert "'qrm init --admin-password ...'" in refused.value.message and "\n" not in refused.value.message
+    assert managed.process is None and not (tmp_path / "state").exists()
 
 
 def test_the_hook_module_imports_cheaply() -> None:

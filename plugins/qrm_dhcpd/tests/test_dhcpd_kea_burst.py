@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from dhcpdlab import Threads, error_events, wait_until
+from dhcpdlab import Threads, error_events
 from sqlmodel import select
 
 import qrm_dhcpd.plugin
@@ -36,6 +36,7 @@ from qrm_core.models import Event, Resource
 from qrm_core.plugins import PluginSystem
 from qrm_core.services import service_context
 from qrm_core.services.resources import add_resource
+from qrm_core.testkit import wait_until
 from qrm_dhcpd.backends import ChangeReport, KeaBackend
 from qrm_dhcpd.coalesce import RewriteCoordinator
 from qrm_dhcpd.kea import KeaControl

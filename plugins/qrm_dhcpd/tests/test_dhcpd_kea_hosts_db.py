@@ -159,3 +159,77 @@ def test_reservations_are_rows_in_the_hosts_database(
         assert "0 rows inserted, 0 deleted, 2 already right" in " ".join(again.stdout.split())
     finally:
         managed.stop()
+
+
+def test_reservations_share_statements_on_postgresql(hosts_db_url: str, qrm_backend: str) -> None:
+    """A registration waits for its reservation: on PostgreSQL a change is one statement,
+    and changes arriving together share one (group commit)
+    (docs/benchmarks.md, registrations with Kea), with the same rules as the
+    general path (a MAC's row replaced, an address held by another MAC left out)."""
+    import ipaddress
+
+    from qrm_dhcpd.hosts import Host
+    from qrm_dhcpd.keadb import db_init
+
+    need("kea-admin", "kea-admin")
+    db_init(hosts_db_url, "kea-admin")
+    db = KeaHostsDb(hosts_db_url, 1)
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    sa.event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        first = db.upsert(Host("52:54:00:00:00:01", ipaddress.IPv4Address("10.99.0.21"), "a", 1))
+        statements_per_change = len(statements)
+        again = db.upsert(Host("52:54:00:00:00:01", ipaddress.IPv4Address("10.99.0.21"), "a2", 1))
+        clash = db.upsert(Host("52:54:00:00:00:02", ipaddress.IPv4Address("10.99.0.21"), "b", 2))
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", seen)
+    assert first == [] and again == []
+    assert [p.message for p in clash] == [
+        "address 10.99.0.21 is already reserved for 52:54:00:00:00:01; reserved without one"
+    ]
+    assert db.macs() == {"52:54:00:00:00:01": ("10.99.0.21", "a2"), "52:54:00:00:00:02": (None, "b")}
+    if qrm_backend == "mariadb":  # Kea's hosts in MariaDB: the general path
+        return
+    assert statements_per_change == 1, statements
+
+    # 40 registrations at once (the server's request threads) share statements
+    # (group commit); two of them claim one address, one MAC changes twice.
+    import threading
+
+    from qrm_dhcpd.keadb import _batcher
+
+    batcher = _batcher(db)
+    before = batcher.statements
+    hosts = [
+        Host(f"52:54:00:00:01:{i:02x}", ipaddress.IPv4Address(f"10.99.1.{i}"), f"n{i}", i) for i in range(38)
+    ]
+    hosts.append(Host("52:54:00:00:02:01", ipaddress.IPv4Address("10.99.1.5"), "late", 99))  # n5's address
+    hosts.append(Host("52:54:00:00:01:07", ipaddress.IPv4Address("10.99.1.77"), "n7", 7))  # n7 again
+    problems: dict[str, list[str]] = {}
+    start = threading.Barrier(len(hosts))
+
+    def reserve(host: Host) -> None:
+        start.wait()
+        problems[host.hostname or ""] = [p.message for p in db.upsert(host)]
+
+    threads = [threading.Thread(target=reserve, args=(h,)) for h in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(problems) == 39  # n7 twice
+    shared = batcher.statements - before
+    assert 1 <= shared < len(hosts), shared
+    macs = db.macs()
+    # whichever of n5 and "late" came first has 10.99.1.5, the other none (and was told)
+    holders = [m for m in ("52:54:00:00:01:05", "52:54:00:00:02:01") if macs[m][0] == "10.99.1.5"]
+    assert len(holders) == 1
+    assert sum(1 for name in ("n5", "late") if problems[name]) == 1
+    assert macs["52:54:00:00:01:07"][0] in ("10.99.1.7", "10.99.1.77")
+    assert all(
+        macs[f"52:54:00:00:01:{i:02x}"] == (f"10.99.1.{i}", f"n{i}") for i in range(38) if i not in (5, 7)
+    )

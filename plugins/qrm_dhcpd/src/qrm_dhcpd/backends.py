@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrm_core.config import Settings
-from qrm_core.errors import InvalidInput, PluginError
+from qrm_core.plugin_api import InvalidInput, PluginError, Settings
 from qrm_dhcpd import kea
 from qrm_dhcpd.coalesce import RewriteCoordinator, coordinator_for
 from qrm_dhcpd.hosts import Host, HostSet, Problem, build_host_set, host_from
 from qrm_dhcpd.settings import DhcpdPaths, DhcpdSettings, check_secret, require_configured
-from qrm_dhcpd.source import Row, address_owner, resource_rows
+from qrm_dhcpd.source import Row, first_owner, resource_rows
 from qrm_dhcpd.system import atomic_write, swap, write_temp
 
 log = logging.getLogger("qrm.plugins.dhcpd")
@@ -460,7 +459,7 @@ class IscBackend(Backend):
             return self._fallback(host.mac, "reserved", problems, t0)
         with omapi:
             if host.ip is not None:
-                owner = address_owner(self.core, str(host.ip), host.mac, host.resource_id)
+                owner = first_owner(self.core, str(host.ip), host.mac, host.resource_id)
                 if owner is not None:
                     problems.append(
                         Problem(

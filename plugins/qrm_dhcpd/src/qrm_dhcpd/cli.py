@@ -7,9 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from qrm_core.cli.output import Output, message, print_json, show_one
-from qrm_core.config import get_settings
-from qrm_core.errors import InvalidInput
+from qrm_core.plugin_api import InvalidInput, Output, get_settings, message, print_json, show_one
 from qrm_dhcpd.settings import load_settings, require_configured
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from qrm_core.errors import PluginError
+from qrm_core.plugin_api import PluginError
 
 T = TypeVar("T")
 

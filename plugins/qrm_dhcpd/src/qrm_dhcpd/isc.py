@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrm_core.errors import PluginError
+from qrm_core.plugin_api import PluginError
 from qrm_dhcpd import pxe
 from qrm_dhcpd.hosts import HOSTNAME_RE, MAC_RE, Host
 from qrm_dhcpd.settings import DOMAIN_RE, TOKEN_RE, DhcpdSettings, check_secret

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrm_core.errors import PluginError
+from qrm_core.plugin_api import PluginError
 from qrm_dhcpd import pxe
 from qrm_dhcpd.hosts import Host
 from qrm_dhcpd.settings import DhcpdPaths, DhcpdSettings

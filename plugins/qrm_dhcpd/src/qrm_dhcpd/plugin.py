@@ -14,15 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qrm_core import hookimpl
-from qrm_core.errors import QrmError
+from qrm_core.plugin_api import QrmError, hookimpl
 from qrm_dhcpd.settings import DhcpdSettings, load_settings
 
 if TYPE_CHECKING:
     import typer
 
-    from qrm_core.context import BackgroundService, HookContext
-    from qrm_core.models import ResourcePublic
+    from qrm_core.plugin_api import BackgroundService, HookContext, ResourcePublic
 
 PLUGIN = "dhcpd"
 #: Resource fields that change what the DHCP server hands out.
@@ -42,8 +40,7 @@ def _settings(ctx: HookContext) -> DhcpdSettings | None:
 def _record_failure(ctx: HookContext, message: str) -> None:
     ctx.log.error("dhcpd: %s", message)
     try:
-        from qrm_core.models import EventLevel
-        from qrm_core.services import service_context
+        from qrm_core.plugin_api import EventLevel, service_context
 
         with service_context(ctx.settings, actor=f"plugin:{PLUGIN}") as sctx:
             sctx.record("plugin", PLUGIN, message, level=EventLevel.ERROR)

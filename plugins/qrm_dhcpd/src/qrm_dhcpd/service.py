@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from qrm_core.config import Settings
-from qrm_core.errors import PluginError
+from qrm_core.plugin_api import PluginError, Settings, check_listen
 from qrm_dhcpd import kea
 from qrm_dhcpd.backends import Backend, IscBackend, ensure_state_dir, get_backend
 from qrm_dhcpd.settings import DhcpdSettings
@@ -96,6 +95,10 @@ class ManagedDhcpServer:
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
+        assert self.settings.interface is not None  # a configured plugin has one
+        # Core's one rule for every listener: DHCP answers on the interface the
+        # admin named, and only once the admin password is changed.
+        check_listen(self.core, self.settings.interface, service="dhcpd")
         check_netns(self.settings.netns)
         paths = self.backend.paths
         ensure_state_dir(paths)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from qrm_core.errors import PluginError
+from qrm_core.plugin_api import PluginError
 
 T = TypeVar("T")
 
