@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,11 +110,12 @@ def network_namespace(tag: str, steps: list[list[str]]) -> Iterator[str]:
     if os.geteuid() != 0:
         missing("root", "network-namespace tests need root")
     need_tool("ip", "iproute2")
-    name = f"qrm-tftpd-{tag}-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    from qrm_core.testkit import Netns
+
+    netns = Netns(f"t{tag}"[:5])
     try:
-        for step in [["link", "set", "lo", "up"], *steps]:
-            subprocess.run(["ip", "-n", name, *step], check=True)
-        yield name
+        for step in steps:
+            netns.ip(*step)
+        yield netns.name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        netns.delete()

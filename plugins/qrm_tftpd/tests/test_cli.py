@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,7 @@ from pathlib import Path
 from tftp_client import fetch_sync
 
 from qrm_core.services import boot_images
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from qrm_core.testkit import free_port
 
 
 def test_check_reports_what_is_missing_and_what_a_mac_boots(qrm_cli, qrm_ctx, tmp_path: Path) -> None:

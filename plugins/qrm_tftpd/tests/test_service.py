@@ -66,6 +66,42 @@ def test_server_starts_and_stops_the_service(qrm_settings, qrm_plugins, qrm_ctx,
     assert qrm_plugins.hooks.collect_services(HookContext(settings=qrm_settings, actor="server")) == []
 
 
+def test_a_fresh_install_serves_tftp_on_loopback_only(
+    qrm_settings, qrm_plugins, qrm_ctx, monkeypatch, caplog
+) -> None:
+    """Issue 15: a fresh install (default admin password, no address named) used
+    to serve boot scripts holding the enrollment token on UDP 0.0.0.0:69."""
+    from qrm_core.services import users
+
+    users.ensure_admin(qrm_ctx, None)
+    qrm_ctx.commit()
+    monkeypatch.setenv("QRM_TFTPD_PORT", "0")
+    qrm_plugins.register(qrm_tftpd.plugin, "tftpd")
+    (service,) = qrm_plugins.hooks.collect_services(HookContext(settings=qrm_settings, actor="server"))
+    with caplog.at_level("WARNING"):
+        service.start()
+    try:
+        assert service.address[0] == "127.0.0.1"
+        assert "tftpd: serving on 127.0.0.1 only" in caplog.text
+    finally:
+        service.stop()
+    # Named, but the default password still there: refused in one line, nothing bound.
+    for named in ({"QRM_TFTPD_LISTEN_ADDRESS": "0.0.0.0"}, {"QRM_PROVISIONING_ADDRESS": "10.9.8.7"}):
+        for key, value in named.items():
+            monkeypatch.setenv(key, value)
+        settings = qrm_settings.model_copy(
+            update={"provisioning_address": named.get("QRM_PROVISIONING_ADDRESS")}
+        )
+        refused = TftpService(settings, load_settings(), plugins=qrm_plugins)
+        with pytest.raises(InvalidInput) as error:
+            refused.start()
+        where = next(iter(named.values()))
+        assert error.value.message.startswith(f"refusing to listen on {where} (tftpd): the admin user 'qrm'")
+        assert refused.server is None
+        for key in named:
+            monkeypatch.delenv(key)
+
+
 def test_a_taken_port_is_a_one_line_error(qrm_settings, qrm_ctx) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))

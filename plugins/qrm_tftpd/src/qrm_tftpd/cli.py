@@ -26,7 +26,7 @@ _overrides: dict[str, Any] = {}
 
 
 def _settings() -> tuple[Any, Any]:
-    from qrm_core.config import get_settings
+    from qrm_core.plugin_api import get_settings
     from qrm_tftpd.settings import load_settings
 
     return get_settings(), load_settings(**_overrides)
@@ -109,7 +109,7 @@ def _port_problem(address: str, port: int) -> str | None:
 
 def run_check(mac: str | None) -> int:
     """Print the pre-flight report; 0 if everything needed is there, 1 otherwise."""
-    from qrm_core.errors import QrmError
+    from qrm_core.plugin_api import QrmError, check_listen
     from qrm_tftpd.service import make_resolver, make_source
 
     settings, tftp = _settings()
@@ -123,10 +123,16 @@ def run_check(mac: str | None) -> int:
         else:
             typer.echo(f"{label:<16}{value}")
 
-    port_problem = _port_problem(tftp.listen_address, tftp.port)
+    address = tftp.address(settings)
+    port_problem = _port_problem(address, tftp.port)
     if port_problem and "in use" in port_problem.lower():
         port_problem += " (a running qrm tftpd or another TFTP server?)"
-    line("listen", f"{tftp.listen_address}:{tftp.port}", port_problem)
+    if not port_problem and tftp.source == "local":
+        try:
+            check_listen(settings, address, service="tftpd")
+        except QrmError as exc:
+            port_problem = exc.message
+    line("listen", f"{address}:{tftp.port}", port_problem)
     root = tftp.root_dir(settings)
     line("root", f"{root} ({'exists' if root.is_dir() else 'created on start'})")
     server_url = tftp.effective_server_url(settings)
@@ -157,8 +163,7 @@ def run_check(mac: str | None) -> int:
 
 
 def _report_boot_images(settings: Any, line: Any) -> None:
-    from qrm_core.services import service_context
-    from qrm_core.services.boot_images import list_boot_images
+    from qrm_core.plugin_api import list_boot_images, service_context
 
     with service_context(settings, actor="tftpd") as ctx:
         images = list_boot_images(ctx)
@@ -181,8 +186,7 @@ def _report_boot_images(settings: Any, line: Any) -> None:
 
 
 def _report_mac(resolver: Any, source: Any, mac: str, line: Any) -> None:
-    from qrm_core.errors import QrmError
-    from qrm_core.services import validation
+    from qrm_core.plugin_api import QrmError, validation
     from qrm_tftpd import render
 
     try:
@@ -215,8 +219,7 @@ def render_cmd(
     ] = "all",
 ) -> None:
     """Print the iPXE script and pxelinux config this MAC gets now (as served over TFTP)."""
-    from qrm_core.errors import InvalidInput
-    from qrm_core.services import validation
+    from qrm_core.plugin_api import InvalidInput, validation
     from qrm_tftpd import render
     from qrm_tftpd.service import make_resolver, make_source
 

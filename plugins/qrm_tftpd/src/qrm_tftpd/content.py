@@ -34,8 +34,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
-from qrm_core.errors import QrmError
-from qrm_core.services.boot import BootConfig
+from qrm_core.plugin_api import BootConfig, QrmError
 from qrm_tftpd import render
 from qrm_tftpd.server import ERR_ACCESS, ERR_NOT_FOUND, ERR_UNDEFINED, Content, Request, TftpError
 
@@ -97,7 +96,7 @@ def normalise_name(raw: str) -> str:
 
 def mac_from_hexhyp(text: str) -> str:
     """``52-54-00-12-34-56`` as ``52:54:00:12:34:56``; a multicast or zero MAC is not found."""
-    from qrm_core.services import validation
+    from qrm_core.plugin_api import validation
 
     try:
         return validation.mac(text.lower().replace("-", ":"))

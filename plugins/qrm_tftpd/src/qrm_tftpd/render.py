@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import re
 
-from qrm_core.errors import InvalidInput
-from qrm_core.services.boot import BootConfig
+from qrm_core.plugin_api import BootConfig, InvalidInput
 
 #: A kernel command-line token (as core's validation, repeated on purpose).
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.,:/=+@%-]*$")

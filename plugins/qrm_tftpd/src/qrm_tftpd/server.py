@@ -44,6 +44,7 @@ root is read-only to clients).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import select
@@ -270,7 +271,7 @@ class TftpServer:
         self,
         resolver: Resolver,
         *,
-        address: str = "0.0.0.0",
+        address: str = "127.0.0.1",
         port: int = 69,
         timeout: float = 1.0,
         retries: int = 5,
@@ -307,7 +308,7 @@ class TftpServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            if self.address == "0.0.0.0":
+            if ipaddress.IPv4Address(self.address).is_unspecified:
                 # Answer from the address each request was sent to (multi-homed servers).
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 self._pktinfo = True

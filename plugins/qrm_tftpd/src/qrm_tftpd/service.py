@@ -14,15 +14,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qrm_core.errors import InvalidInput, QrmError
+from qrm_core.plugin_api import InvalidInput, QrmError, check_listen
 from qrm_tftpd.content import ContentResolver
 from qrm_tftpd.server import TftpServer
 from qrm_tftpd.settings import TftpSettings, load_settings
 from qrm_tftpd.sources import LocalSource, RemoteSource
 
 if TYPE_CHECKING:
-    from qrm_core.config import Settings
-    from qrm_core.plugins import PluginSystem
+    from qrm_core.plugin_api import PluginSystem, Settings
     from qrm_tftpd.content import BootSource
 
 log = logging.getLogger("qrm.tftpd")
@@ -105,6 +104,11 @@ class TftpService:
         """Bind, then serve in a thread; raises a one-line error if it cannot listen."""
         if self._thread is not None:
             return
+        address = self.tftp.address(self.settings)
+        if self.tftp.source == "local":
+            # Core's one rule for every listener (remote mode runs away from
+            # the database, on a host the admin set up with the enrollment token).
+            check_listen(self.settings, address, service="tftpd", plugins=self.plugins)
         source = make_source(self.settings, self.tftp, self.plugins)
         source.check()
         root = self.root()
@@ -115,7 +119,7 @@ class TftpService:
         resolver = make_resolver(self.settings, self.tftp, source)
         server = TftpServer(
             resolver,
-            address=self.tftp.listen_address,
+            address=address,
             port=self.tftp.port,
             timeout=self.tftp.timeout,
             retries=self.tftp.retries,
@@ -123,7 +127,7 @@ class TftpService:
             max_blksize=self.tftp.max_blksize,
             workers=self.tftp.workers,
         )
-        where = f"{self.tftp.listen_address}:{self.tftp.port}"
+        where = f"{address}:{self.tftp.port}"
         try:
             server.bind()
         except PermissionError:

@@ -17,8 +17,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from qrm_core.config import PluginSettings, Settings
-from qrm_core.errors import InvalidInput
+from qrm_core.plugin_api import InvalidInput, PluginSettings, Settings
 
 #: What a server URL may look like: it is written into iPXE scripts, so no
 #: whitespace, quotes, ``$``/``{}`` (iPXE settings expansion), ``#``, ``;``,
@@ -35,9 +34,11 @@ class TftpSettings(PluginSettings):
     enabled: bool = True
     """Whether ``qrm server`` runs the TFTP service (the plugin must also be enabled)."""
 
-    listen_address: str = "0.0.0.0"
+    listen_address: str | None = None
     """IPv4 address to listen on; ``0.0.0.0`` answers on every interface, each
-    transfer from the address the request was sent to."""
+    transfer from the address the request was sent to. Default: core's
+    ``QRM_PROVISIONING_ADDRESS``, else 127.0.0.1 only. Beyond loopback only
+    once the admin password is changed (``qrm_core.plugin_api.check_listen``)."""
 
     port: int = Field(default=69, ge=0, le=65535)
     """UDP port (0 picks a free one, for tests). PXE clients always use 69."""
@@ -95,7 +96,9 @@ class TftpSettings(PluginSettings):
 
     @field_validator("listen_address")
     @classmethod
-    def _ipv4(cls, value: str) -> str:
+    def _ipv4(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
         try:
             return str(ipaddress.IPv4Address(value.strip()))
         except ValueError:
@@ -112,6 +115,19 @@ class TftpSettings(PluginSettings):
         return value
 
     # -- derived values --------------------------------------------------
+
+    def address(self, core: Settings) -> str:
+        """Where to listen: this setting, else the site's provisioning address, else loopback."""
+        from qrm_core.plugin_api import listen_address
+
+        address = listen_address(core, self.listen_address, service="tftpd")
+        try:
+            return str(ipaddress.IPv4Address(address))
+        except ValueError:
+            raise InvalidInput(
+                f"tftpd listens on IPv4 only: QRM_PROVISIONING_ADDRESS {address} is not an IPv4 address; "
+                "set QRM_TFTPD_LISTEN_ADDRESS"
+            ) from None
 
     def root_dir(self, core: Settings) -> Path:
         """The static file directory."""

@@ -26,17 +26,19 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from qrm_core.errors import QrmError
-from qrm_core.services import service_context
-from qrm_core.services.boot import BootConfig, boot_config, boot_image_files
-from qrm_core.services.site import get_enrollment_token
+from qrm_core.plugin_api import (
+    BootConfig,
+    QrmError,
+    boot_config,
+    boot_image_files,
+    get_enrollment_token,
+    service_context,
+)
 from qrm_tftpd.content import open_regular
 from qrm_tftpd.server import ERR_UNDEFINED, Content, TftpError
 
 if TYPE_CHECKING:
-    from qrm_core.config import Settings
-    from qrm_core.plugins import PluginSystem
-    from qrm_core.services import ServiceContext
+    from qrm_core.plugin_api import PluginSystem, ServiceContext, Settings
 
 log = logging.getLogger("qrm.tftpd")
 
