@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qrm_core.config import Settings
 from qrm_core.drivers.base import StorageTarget
+from qrm_core.testkit import Netns
 from qrm_nfs.driver import NfsStorage
 from qrm_nfs.service import GaneshaService
 from qrm_nfs.settings import NfsSettings
@@ -91,18 +92,27 @@ class Lab:
         return sh("ip", "netns", "exec", self.server_ns, *args, check=False)
 
 
-def make_namespaces(server: str, c1: str, c2: str) -> None:
-    for ns in (server, c1, c2):
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-    # veth pairs are created directly inside the namespaces: the root
-    # namespace never holds one of these interfaces, even for a moment.
-    for s_if, c_if, ns, s_ip, c_ip in (
-        ("s1", "c1", c1, SERVER_IP1, CLIENT_IP1),
-        ("s2", "c2", c2, SERVER_IP2, CLIENT_IP2),
-    ):
-        sh("ip", "link", "add", s_if, "netns", server, "type", "veth", "peer", "name", c_if, "netns", ns)
-        sh("ip", "-n", server, "addr", "add", f"{s_ip}/24", "dev", s_if)
-        sh("ip", "-n", ns, "addr", "add", f"{c_ip}/24", "dev", c_if)
-        sh("ip", "-n", server, "link", "set", s_if, "up")
-        sh("ip", "-n", ns, "link", "set", c_if, "up")
+def make_namespaces() -> list[Netns]:
+    """The server's namespace and the two clients', joined by veth pairs (server first)."""
+    made: list[Netns] = []
+    try:
+        server = Netns("nfss")
+        made.append(server)
+        for s_if, c_if, tag, s_ip, c_ip in (
+            ("s1", "c1", "nfc1", SERVER_IP1, CLIENT_IP1),
+            ("s2", "c2", "nfc2", SERVER_IP2, CLIENT_IP2),
+        ):
+            client = Netns(tag)
+            made.append(client)
+            # veth pairs are created directly inside the namespaces: the root
+            # namespace never holds one of these interfaces, even for a moment.
+            server.ip("link", "add", s_if, "type", "veth", "peer", "name", c_if, "netns", client.name)
+            server.ip("addr", "add", f"{s_ip}/24", "dev", s_if)
+            client.ip("addr", "add", f"{c_ip}/24", "dev", c_if)
+            server.ip("link", "set", s_if, "up")
+            client.ip("link", "set", c_if, "up")
+    except Exception:
+        for ns in made:
+            ns.delete()
+        raise
+    return made

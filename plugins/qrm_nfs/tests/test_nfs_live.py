@@ -278,3 +278,52 @@ def test_operator_run_ganesha_without_a_log_file(lab: Lab) -> None:
         time.sleep(0.1)
     d.unexport_volume(lab.storage, volume.location, C1)
     d.remove_volume(lab.storage, volume.location)
+
+
+def test_a_batch_is_one_reload_and_two_machines_share_read_only(lab: Lab, tmp_path: Path) -> None:
+    """export_volumes: every request in one new EXPORT file (one check, one SIGHUP); a
+    request for a missing volume fails alone. A volume exported to two machines is
+    read-only for both (never two machines on a writable image), writable again for one."""
+    from qrm_core.drivers.base import ExportRequest
+
+    d = lab.driver
+    names = [f"batch{i}" for i in range(5)]
+    for name in names:
+        d.create_volume(lab.storage, name, 1)
+    log = lab.nfs.effective_log_file(lab.core)
+    assert log is not None
+    reloads_before = log.read_text(errors="replace").count("Reread exports complete")
+    requests = [ExportRequest(str(lab.root / n), C1) for n in names]
+    requests.append(ExportRequest(str(lab.root / "nosuch"), C1))
+    outcomes = d.export_volumes(lab.storage, requests)
+    assert [o.error for o in outcomes[:5]] == [None] * 5
+    assert isinstance(outcomes[5].error, NotFound)
+    assert log.read_text(errors="replace").count("Reread exports complete") == reloads_before + 1
+    exported = {e.path: e for e in ganesha.parse_exports(lab.config.read_text())}
+    assert {str(lab.root / n) for n in names} <= set(exported)
+    assert all(exported[str(lab.root / n)].access == "RW" for n in names)
+
+    # A second machine on batch0: read-only for both; the first cannot write any more.
+    shared = lab.root / "batch0"
+    d.export_volume(lab.storage, str(shared), C2)
+    assert ganesha.parse_exports(lab.config.read_text())[0].access == "RO"
+    local = tmp_path / "w.txt"
+    local.write_text("x\n")
+    assert lab.client(1, "nfs-cp", str(local), lab.url(1, f"{shared}/w.txt")).returncode != 0
+    assert lab.client(2, "nfs-ls", lab.url(2, f"{shared}/")).returncode == 0
+    assert not (shared / "w.txt").exists()
+    d.unexport_volume(lab.storage, str(shared), C2)
+    assert lab.client(1, "nfs-cp", str(local), lab.url(1, f"{shared}/w.txt")).returncode == 0
+    assert (shared / "w.txt").read_text() == "x\n"
+
+    back = d.unexport_volumes(lab.storage, requests[:5])
+    assert [o.error for o in back] == [None] * 5
+    assert log.read_text(errors="replace").count("Reread exports complete") == reloads_before + 4
+    for name in names:
+        d.remove_volume(lab.storage, str(lab.root / name))
+
+
+def test_describe_root_of_a_shared_image_is_read_only_with_an_overlay(lab: Lab) -> None:
+    root = lab.driver.describe_root(lab.storage, str(lab.root / "web"), C1, shared=True)
+    assert root.kernel_args[-2:] == ("ro", "qrm.overlay=tmpfs") and "rw" not in root.kernel_args
+    assert root.kind == "nfs" and not root.secrets

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from qrm_core.config import get_settings
+from qrm_core.plugin_api import get_settings
 
 app = typer.Typer(help="NFS storage on this host (nfs-ganesha exports).", no_args_is_help=True)
 

@@ -26,19 +26,39 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qrm_core.drivers.base import ExportClient, RootSpec, StorageDriver, StorageTarget, VolumeInfo
-from qrm_core.errors import DriverError, InvalidInput, NotFound
+from qrm_core.plugin_api import (
+    DriverError,
+    ExportClient,
+    ExportOutcome,
+    ExportRequest,
+    InvalidInput,
+    NotFound,
+    QrmError,
+    RootSpec,
+    StorageDriver,
+    StorageTarget,
+    VolumeInfo,
+    cow_probe,
+    is_remote_storage,
+    storage_runner,
+)
+from qrm_core.plugin_api import shell_quote as q
 from qrm_nfs import ganesha
+from qrm_nfs.remote_server import RemoteNfs, remote_config
 from qrm_nfs.settings import NfsSettings, load_settings
 
 log = logging.getLogger("qrm.plugins.nfs")
 
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Snapshots of ``<export_root>/<name>`` are ``<export_root>/.qrm-snapshots/<name>/<label>/``
+#: (on the same filesystem, so copy-on-write works where it can; never exported).
+SNAPSHOTS = ".qrm-snapshots"
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 STATE_FILE = ".qrm-nfs.json"
 LOCK_FILE = ".qrm-nfs.lock"
@@ -154,13 +174,53 @@ class NfsStorage(StorageDriver):
 
     # -- pure operations -------------------------------------------------
 
+    def _remote(self, storage: StorageTarget) -> RemoteNfs | None:
+        """The server over SSH (its own settings), or None for this machine."""
+        if not is_remote_storage(storage.settings):
+            return None
+        return RemoteNfs(storage, storage_runner(self.settings, storage))
+
     def validate_server(self, storage: StorageTarget) -> None:
         check_ipv4_server(storage.address)
+        if is_remote_storage(storage.settings):
+            remote_config(storage.settings)
+
+    def check_server(self, storage: StorageTarget) -> None:
+        """Over SSH: ganesha there and running, its directories there. Here: with an export
+        root configured, ganesha installed and the export root there (without, this host
+        only records locations, as before: nothing to check)."""
+        server = self._remote(storage)
+        if server is not None:
+            server.check()
+            return
+        if self.nfs.export_root is None:
+            return
+        missing = self.detect_missing_dependencies()
+        if missing:
+            raise DriverError(f"NFS storage on this machine lacks {', '.join(missing)}")
+        self._export_root("use it")
+
+    def export_readiness(self, storage: StorageTarget) -> str | None:
+        """On this machine: an export root configured and ganesha installed (over
+        SSH, ``check_server`` looked at the server when it was added)."""
+        if is_remote_storage(storage.settings):
+            return None
+        if self.nfs.export_root is None:
+            return (
+                "NFS storage is not configured on this host; set QRM_NFS_EXPORT_ROOT "
+                "(the directory holding the volumes) and QRM_NFS_GANESHA_CONFIG, or manage it over SSH"
+            )
+        missing = self.detect_missing_dependencies()
+        return f"NFS storage on this machine lacks {', '.join(missing)}" if missing else None
 
     def validate_location(self, storage: StorageTarget, location: str) -> None:
-        """Syntax always; with an export root configured, also that the volume
+        """Syntax always; with an export root configured here, also that the volume
         exists there as a real directory (importing records existing data)."""
         check_location_syntax(location)
+        server = self._remote(storage)
+        if server is not None:
+            server.volume_path(location, "use a volume")
+            return
         root = self.nfs.export_root
         if root is None:
             return
@@ -171,20 +231,33 @@ class NfsStorage(StorageDriver):
                 "(create the volume with --size instead)"
             )
 
-    def describe_root(self, storage: StorageTarget, location: str) -> RootSpec:
-        """``root=/dev/nfs nfsroot=ADDR:PATH,vers=3,tcp ip=dhcp rw``.
+    def describe_root(
+        self,
+        storage: StorageTarget,
+        location: str,
+        client: ExportClient | None = None,
+        *,
+        shared: bool = False,
+    ) -> RootSpec:
+        """``root=/dev/nfs nfsroot=ADDR:PATH,vers=3,tcp ip=dhcp rw``; shared (a pool on one
+        image): ``ro qrm.overlay=tmpfs`` instead of ``rw``.
 
-        Read both by the kernel's own nfsroot and by Debian's initramfs-tools
-        (``root=/dev/nfs`` selects its nfs boot script, which hands
-        ``vers=3,tcp`` to klibc's nfsmount and mounts read-write because of
-        ``rw``). NFSv3 over TCP: what klibc nfsmount speaks; no locking
-        (ganesha runs without NLM and initramfs-tools mounts with nolock).
+        Read by qrm's node agent (busybox mount with the kernel's text options,
+        then switch_root; with the overlay, the image stays read-only below a
+        writable layer in RAM), by the kernel's own nfsroot and by Debian's
+        initramfs-tools (``root=/dev/nfs`` selects its nfs boot script, which
+        hands ``vers=3,tcp`` to klibc's nfsmount). NFSv3 over TCP, no locking
+        (ganesha runs without NLM; the agent and initramfs-tools mount with
+        nolock).
         """
         address = check_ipv4_server(storage.address)
         check_location_syntax(location)
+        mode = ("ro", "qrm.overlay=tmpfs") if shared else ("rw",)
         return RootSpec(
-            kernel_args=("root=/dev/nfs", f"nfsroot={address}:{location},vers=3,tcp", "ip=dhcp", "rw"),
-            description=f"nfs {address}:{location}",
+            kernel_args=("root=/dev/nfs", f"nfsroot={address}:{location},vers=3,tcp", "ip=dhcp", *mode),
+            description=f"nfs {address}:{location}" + (" (read-only, overlay)" if shared else ""),
+            kind="nfs",
+            options={"server": str(address), "path": location, "mode": "ro" if shared else "rw"},
         )
 
     def detect_missing_dependencies(self) -> list[str]:
@@ -233,10 +306,16 @@ class NfsStorage(StorageDriver):
 
     @staticmethod
     def _exports(state: dict[str, Any]) -> list[ganesha.Export]:
+        """The EXPORT blocks of the record. A volume exported to more than one machine is
+        read-only for all of them: never two machines on a writable image (shared pools
+        mount it read-only below an overlay anyway)."""
         try:
             return [
                 ganesha.Export(
-                    int(v["export_id"]), location, tuple(sorted(v["clients"], key=ipaddress.ip_address))
+                    int(v["export_id"]),
+                    location,
+                    tuple(sorted(v["clients"], key=ipaddress.ip_address)),
+                    "RO" if len(v["clients"]) > 1 else "RW",
                 )
                 for location, v in state["volumes"].items()
                 if v.get("clients")
@@ -291,6 +370,9 @@ class NfsStorage(StorageDriver):
             raise InvalidInput(f"invalid NFS volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if size_mb <= 0:
             raise InvalidInput("volume size must be positive")
+        server = self._remote(storage)
+        if server is not None:
+            return server.create_volume(name, size_mb)
         root = self._export_root("create a volume")
         path = root / name
         with self._locked(root) as state:
@@ -315,6 +397,12 @@ class NfsStorage(StorageDriver):
         return VolumeInfo(location=str(path), size_mb=size_mb)
 
     def remove_volume(self, storage: StorageTarget, location: str) -> None:
+        server = self._remote(storage)
+        if server is not None:
+            check_location_syntax(location)
+            server.remove_volume(location)
+            self._script(storage, f"rm -rf -- {q(self._snapshots(storage, location, 'remove a volume'))}\n")
+            return
         root = self._export_root("remove a volume")
         path = self._volume_path(root, location)
         with self._locked(root) as state:
@@ -330,8 +418,12 @@ class NfsStorage(StorageDriver):
             if location in state["volumes"]:
                 del state["volumes"][location]
                 self._save(root, state)
+            shutil.rmtree(root / SNAPSHOTS / path.name, ignore_errors=True)
 
     def list_volumes(self, storage: StorageTarget) -> list[VolumeInfo]:
+        server = self._remote(storage)
+        if server is not None:
+            return server.list_volumes()
         root = self._export_root("list volumes")
         with self._locked(root) as state:
             volumes = []
@@ -351,36 +443,106 @@ class NfsStorage(StorageDriver):
     # -- exports -----------------------------------------------------------
 
     def export_volume(self, storage: StorageTarget, location: str, client: ExportClient) -> None:
-        """Let ``client`` mount the volume read-write as root (a diskless root
-        needs root squash off). Returns once ganesha has the new exports."""
-        root = self._export_root("export a volume")
-        path = self._volume_path(root, location)
-        ip = check_client_ip(client, location)
-        # The path ganesha exports must be the directory itself, not a link out of the export root.
-        if path.is_symlink() or not path.is_dir() or os.path.realpath(path) != str(path):
-            raise NotFound(f"volume {location} does not exist on {storage.name}")
-        with self._locked(root) as state:
-            entry = state["volumes"].setdefault(location, {"clients": []})
-            if "export_id" not in entry:
-                entry["export_id"] = self._new_export_id(state)
-            if ip not in entry["clients"]:
-                entry["clients"] = sorted([*entry["clients"], ip], key=ipaddress.ip_address)
-            self._apply(root, state, require_running=True)
+        """Let ``client`` mount the volume as root (a diskless root needs root squash off):
+        read-write while it is the only one, read-only for all when there are more.
+        Returns once ganesha has the new exports."""
+        (outcome,) = self.export_volumes(storage, [ExportRequest(location, client)])
+        if outcome.error is not None:
+            raise outcome.error
 
     def unexport_volume(self, storage: StorageTarget, location: str, client: ExportClient) -> None:
         """Withdraw ``client``'s access. Works while ganesha is down (the file
         is what it reads when it starts)."""
-        root = self._export_root("unexport a volume")
-        self._volume_path(root, location)
-        if not client.ip:
-            return  # a machine without an address was never exported to
-        ip = check_client_ip(client, location)
-        with self._locked(root) as state:
-            entry = state["volumes"].get(location)
-            if entry is None or ip not in entry.get("clients", []):
-                return
-            entry["clients"] = [c for c in entry["clients"] if c != ip]
-            self._apply(root, state, require_running=False)
+        (outcome,) = self.unexport_volumes(storage, [ExportRequest(location, client)])
+        if outcome.error is not None:
+            raise outcome.error
+
+    def export_volumes(
+        self, storage: StorageTarget, requests: Sequence[ExportRequest]
+    ) -> list[ExportOutcome]:
+        """Every request in one change of the EXPORT file: one check by a throwaway
+        ganesha, one swap, one reload (1,000 exports in one pass, not 1,000 reloads).
+        A request that cannot be done (no such volume, no address) fails alone; if
+        ganesha refuses the new file, every request fails and nothing changed."""
+        return self._batch(storage, requests, grant=True)
+
+    def unexport_volumes(
+        self, storage: StorageTarget, requests: Sequence[ExportRequest]
+    ) -> list[ExportOutcome]:
+        """Withdraw many accesses with one change of the EXPORT file (as :meth:`export_volumes`)."""
+        return self._batch(storage, requests, grant=False)
+
+    def _batch(
+        self, storage: StorageTarget, requests: Sequence[ExportRequest], *, grant: bool
+    ) -> list[ExportOutcome]:
+        errors: dict[int, QrmError] = {}
+        wanted: list[tuple[int, str, str]] = []  # (request index, location, client address)
+        try:
+            server = self._remote(storage)
+            if server is not None:
+                return self._remote_batch(server, requests, grant=grant)
+            root = self._export_root("export a volume" if grant else "unexport a volume")
+        except QrmError as exc:
+            return [ExportOutcome(r, exc) for r in requests]
+        for index, request in enumerate(requests):
+            location, client = request.location, request.client
+            try:
+                path = self._volume_path(root, location)
+                if not grant and not client.ip:
+                    continue  # a machine without an address was never exported to
+                ip = check_client_ip(client, location)
+                # The path ganesha exports must be the directory itself, not a link out of the export root.
+                if grant and (path.is_symlink() or not path.is_dir() or os.path.realpath(path) != str(path)):
+                    raise NotFound(f"volume {location} does not exist on {storage.name}")
+            except QrmError as exc:
+                errors[index] = exc
+                continue
+            wanted.append((index, location, ip))
+        if wanted:
+            try:
+                with self._locked(root) as state:
+                    changed = False
+                    for _, location, ip in wanted:
+                        if grant:
+                            entry = state["volumes"].setdefault(location, {"clients": []})
+                            if "export_id" not in entry:
+                                entry["export_id"] = self._new_export_id(state)
+                            if ip not in entry["clients"]:
+                                entry["clients"] = sorted([*entry["clients"], ip], key=ipaddress.ip_address)
+                                changed = True
+                        else:
+                            entry = state["volumes"].get(location)
+                            if entry is not None and ip in entry.get("clients", []):
+                                entry["clients"] = [c for c in entry["clients"] if c != ip]
+                                changed = True
+                    if changed or grant:
+                        self._apply(root, state, require_running=grant)
+            except QrmError as exc:
+                for index, _, _ in wanted:
+                    errors[index] = exc
+        return [ExportOutcome(r, errors.get(i)) for i, r in enumerate(requests)]
+
+    def _remote_batch(
+        self, server: RemoteNfs, requests: Sequence[ExportRequest], *, grant: bool
+    ) -> list[ExportOutcome]:
+        errors: dict[int, QrmError] = {}
+        wanted: list[tuple[int, str, str]] = []
+        for index, request in enumerate(requests):
+            try:
+                check_location_syntax(request.location)
+                server.volume_path(request.location, "export a volume")
+                if not grant and not request.client.ip:
+                    continue
+                wanted.append((index, request.location, check_client_ip(request.client, request.location)))
+            except QrmError as exc:
+                errors[index] = exc
+        if wanted:
+            try:
+                errors.update(server.batch(requests, wanted, grant=grant))
+            except QrmError as exc:
+                for index, _, _ in wanted:
+                    errors.setdefault(index, exc)
+        return [ExportOutcome(r, errors.get(i)) for i, r in enumerate(requests)]
 
     # -- used by the service and the commands --------------------------------
 
@@ -389,3 +551,170 @@ class NfsStorage(StorageDriver):
         root = self._export_root("write the NFS export file")
         with self._locked(root) as state:
             self._apply(root, state, require_running=False)
+
+    # -- filling, cloning, snapshots (here or over SSH: one shell script each) --
+
+    def _root_text(self, storage: StorageTarget, doing: str) -> str:
+        server = self._remote(storage)
+        if server is not None:
+            return server._root(doing)
+        return str(self._export_root(doing))
+
+    def _volume_text(self, storage: StorageTarget, location: str, doing: str) -> tuple[str, str]:
+        """(export root, volume name) of ``location``, checked."""
+        check_location_syntax(location)
+        root = self._root_text(storage, doing)
+        parent, _, name = location.rpartition("/")
+        if parent != root or not VOLUME_NAME.match(name):
+            raise InvalidInput(
+                f"NFS location {location} is not a volume directly under the export root {root}"
+            )
+        return root, name
+
+    def _snapshots(self, storage: StorageTarget, location: str, doing: str) -> str:
+        root, name = self._volume_text(storage, location, doing)
+        return f"{root}/{SNAPSHOTS}/{name}"
+
+    @staticmethod
+    def _label(label: str) -> str:
+        if not isinstance(label, str) or not LABEL.match(label):
+            raise InvalidInput(f"snapshot label {label!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return label
+
+    def _script(self, storage: StorageTarget, text: str, timeout: float = 6 * 3600) -> str:
+        done = storage_runner(self.settings, storage).script("set -u\n" + text, timeout=timeout)
+        if not done.ok:
+            raise DriverError(f"NFS storage {storage.name}: {done.last_error()}")
+        return done.stdout
+
+    def _said(self, out: str, storage: StorageTarget, location: str, label: str | None = None) -> str:
+        lines = [line for line in out.splitlines() if line.startswith("qrm-")]
+        said = lines[-1] if lines else ""
+        if said == "qrm-missing":
+            raise NotFound(f"volume {location} does not exist on {storage.name}")
+        if said == "qrm-no-snapshot":
+            raise NotFound(f"volume {location} has no snapshot {label!r}")
+        if said == "qrm-exists":
+            raise DriverError(f"volume {location} already has a snapshot {label!r}")
+        if said == "qrm-taken":
+            raise DriverError(f"a volume named {label} already exists on {storage.name}")
+        if said.startswith("qrm-failed"):
+            raise DriverError(f"NFS storage {storage.name}: {said[11:] or 'the copy failed'}")
+        if not said.startswith("qrm-done"):
+            raise DriverError(f"NFS storage {storage.name} did not finish the operation on {location}")
+        return said[9:].strip()
+
+    @staticmethod
+    def _volume_check(path: str) -> str:
+        return f"test -d {q(path)} && test ! -L {q(path)} || {{ echo qrm-missing; exit 0; }}\n"
+
+    @staticmethod
+    def _copy(src: str, dest: str) -> str:
+        """Copy directory ``src`` to a new ``dest`` (through ``dest.partial``, renamed at the end)."""
+        partial = dest.rsplit("/", 1)[0] + "/.partial-" + dest.rsplit("/", 1)[1]
+        return (
+            f"rm -rf -- {q(partial)}\n"
+            f"if ! err=$(cp -a $cpopt -- {q(src)} {q(partial)} 2>&1); then rm -rf -- {q(partial)}; "
+            'echo "qrm-failed $(printf %s "$err" | tail -n 1)"; exit 0; fi\n'
+            f"mv -- {q(partial)} {q(dest)} || exit 4\n"
+        )
+
+    def open_tree(self, storage: StorageTarget, location: str) -> str:
+        """The volume's directory itself: files rsynced or unpacked there are the image."""
+        _root, _name = self._volume_text(storage, location, "fill a volume")
+        self._said(self._script(storage, self._volume_check(location) + "echo qrm-done\n"), storage, location)
+        return location
+
+    def read_tree(self, storage: StorageTarget, location: str) -> str:
+        """The volume's directory itself: its files are the image."""
+        self._volume_text(storage, location, "read a volume")
+        self._said(self._script(storage, self._volume_check(location) + "echo qrm-done\n"), storage, location)
+        return location
+
+    def close_tree(self, storage: StorageTarget, location: str, tree: str) -> str:
+        if tree != location:
+            raise InvalidInput(f"{tree} is not the directory of NFS volume {location}")
+        self._volume_text(storage, location, "fill a volume")
+        out = self._script(
+            storage, self._volume_check(location) + f'echo "qrm-done $(du -sm -- {q(location)} | cut -f1)"\n'
+        )
+        return f"files in place in the NFS directory ({self._said(out, storage, location)} MB)"
+
+    def clone_volume(self, storage: StorageTarget, location: str, name: str) -> VolumeInfo:
+        """``cp -a`` of the directory: copy-on-write (``--reflink``) where the export root's
+        filesystem can (XFS with reflink, btrfs), a full copy otherwise."""
+        if not isinstance(name, str) or not VOLUME_NAME.match(name):
+            raise InvalidInput(f"invalid NFS volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        root, _ = self._volume_text(storage, location, "clone a volume")
+        new = f"{root}/{name}"
+        script = (
+            self._volume_check(location)
+            + f"test -e {q(new)} && {{ echo qrm-taken; exit 0; }}\n"
+            + cow_probe(root)
+            + "\n"
+            + self._copy(location, new)
+            + 'echo "qrm-done $how"\n'
+        )
+        how = self._said(self._script(storage, script), storage, location, name)
+        return VolumeInfo(location=new, how=how)
+
+    def snapshot_volume(self, storage: StorageTarget, location: str, label: str) -> str:
+        """A copy of the directory under ``.qrm-snapshots`` (copy-on-write where it can be)."""
+        self._label(label)
+        snaps = self._snapshots(storage, location, "snapshot a volume")
+        dest = f"{snaps}/{label}"
+        script = (
+            self._volume_check(location)
+            + f"test -e {q(dest)} && {{ echo qrm-exists; exit 0; }}\n"
+            + f"mkdir -p -- {q(snaps)} || exit 3\n"
+            + cow_probe(snaps)
+            + "\n"
+            + self._copy(location, dest)
+            + f"echo {q(label)} >> {q(snaps + '/.order')}\n"
+            + 'echo "qrm-done $how"\n'
+        )
+        return self._said(self._script(storage, script), storage, location, label)
+
+    def list_snapshots(self, storage: StorageTarget, location: str) -> list[str]:
+        snaps = self._snapshots(storage, location, "list snapshots")
+        out = self._script(
+            storage,
+            self._volume_check(location)
+            + f"cd {q(snaps)} 2>/dev/null || {{ echo qrm-done; exit 0; }}\n"
+            + 'if [ -f .order ]; then while read -r l; do [ -d "$l" ] && echo "snap $l"; done < .order; fi\n'
+            + "echo qrm-done\n",
+        )
+        self._said(out, storage, location)
+        labels = [line[5:] for line in out.splitlines() if line.startswith("snap ")]
+        return [label for label in dict.fromkeys(labels) if LABEL.match(label)]
+
+    def revert_volume(self, storage: StorageTarget, location: str, label: str) -> str:
+        """Empty the volume's directory (the directory stays: it is what ganesha exports)
+        and copy the snapshot back into it (copy-on-write where it can be)."""
+        self._label(label)
+        snap = f"{self._snapshots(storage, location, 'revert a volume')}/{label}"
+        script = (
+            self._volume_check(location)
+            + f"test -d {q(snap)} || {{ echo qrm-no-snapshot; exit 0; }}\n"
+            + cow_probe(location)
+            + "\n"
+            + f"find {q(location)} -mindepth 1 -maxdepth 1 -exec rm -rf -- {{}} + || exit 4\n"
+            + f"if ! err=$(cp -a $cpopt -- {q(snap)}/. {q(location)}/ 2>&1); then "
+            'echo "qrm-failed $(printf %s "$err" | tail -n 1)"; exit 0; fi\n'
+            + f"chmod --reference={q(snap)} -- {q(location)} && chown --reference={q(snap)} -- {q(location)}\n"
+            + 'echo "qrm-done $how"\n'
+        )
+        return self._said(self._script(storage, script), storage, location, label)
+
+    def remove_snapshot(self, storage: StorageTarget, location: str, label: str) -> None:
+        self._label(label)
+        snaps = self._snapshots(storage, location, "remove a snapshot")
+        script = (
+            self._volume_check(location)
+            + f"test -d {q(snaps + '/' + label)} || {{ echo qrm-no-snapshot; exit 0; }}\n"
+            + f"rm -rf -- {q(snaps + '/' + label)} || exit 4\n"
+            + f"grep -vx -- {q(label)} {q(snaps + '/.order')} > {q(snaps + '/.order.new')}; "
+            + f"mv -- {q(snaps + '/.order.new')} {q(snaps + '/.order')}\n"
+            + "echo qrm-done\n"
+        )
+        self._said(self._script(storage, script), storage, location, label)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qrm_core import hookimpl
+from qrm_core.plugin_api import hookimpl
 
 if TYPE_CHECKING:
     import typer
 
-    from qrm_core.context import BackgroundService, HookContext
+    from qrm_core.plugin_api import BackgroundService, HookContext
 
 
 @hookimpl

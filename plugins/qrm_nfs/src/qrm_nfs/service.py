@@ -23,8 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from qrm_core.config import Settings
-from qrm_core.errors import DriverError
+from qrm_core.plugin_api import DriverError, Settings
 from qrm_nfs import ganesha
 from qrm_nfs.settings import NfsSettings
 

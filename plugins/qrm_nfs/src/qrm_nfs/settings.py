@@ -19,8 +19,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from qrm_core.config import PluginSettings, Settings
-from qrm_core.errors import DriverError
+from qrm_core.plugin_api import DriverError, PluginSettings, Settings
 
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
