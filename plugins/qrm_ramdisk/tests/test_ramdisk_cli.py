@@ -75,3 +75,42 @@ def test_bad_input_is_one_line_and_changes_nothing(qrm_cli, qrm_settings, tmp_pa
     ]
     done = qrm_cli("ramdisk", "list", "-s", "other")
     assert done.exit_code == 1 and "no ramdisk storage server 'other'" in done.stderr
+
+
+@pytest.mark.qrm_backends("sqlite")
+def test_no_transaction_is_open_while_the_driver_works(
+    qrm_cli, qrm_settings, tmp_path: Path, monkeypatch
+) -> None:
+    """Building an archive can take minutes: on SQLite a transaction open meanwhile
+    would hold the write lock, and no machine could register or heartbeat."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    from qrm_ramdisk.driver import RamdiskStorage
+
+    path = make_url(qrm_settings.effective_database_url).database
+    seen: list[str] = []
+
+    def probing(method: str):  # type: ignore[no-untyped-def]
+        original = getattr(RamdiskStorage, method)
+
+        def call(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # 'database is locked' while a transaction is open
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+            seen.append(method)
+            return original(self, *args, **kwargs)
+
+        return call
+
+    for method in ("import_volume", "list_volumes", "remove_volume"):
+        monkeypatch.setattr(RamdiskStorage, method, probing(method))
+    assert qrm_cli("storage", "add", "-n", "ram", "-t", "ramdisk", "-i", "10.0.0.1").exit_code == 0
+    done = qrm_cli("ramdisk", "import", "web", "-s", "ram", "--from", str(tree(tmp_path / "t")))
+    assert done.exit_code == 0, done.stderr
+    assert qrm_cli("ramdisk", "list").exit_code == 0
+    assert seen == ["import_volume", "list_volumes"]

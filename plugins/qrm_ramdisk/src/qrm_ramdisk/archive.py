@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from qrm_core.errors import InvalidInput
+from qrm_core.plugin_api import InvalidInput
 
 GZIP_LEVEL = 6
 #: The directories of a new, empty root. The node agent brings busybox and

@@ -16,9 +16,15 @@ from typing import Annotated, Any
 
 import typer
 
-from qrm_core.cli.output import Output, message, show_list, show_one
-from qrm_core.config import get_settings
-from qrm_core.errors import AlreadyExists, InvalidInput
+from qrm_core.plugin_api import (
+    AlreadyExists,
+    InvalidInput,
+    Output,
+    get_settings,
+    message,
+    show_list,
+    show_one,
+)
 
 app = typer.Typer(help="Ramdisk storage: root filesystem archives unpacked into RAM.", no_args_is_help=True)
 
@@ -28,11 +34,10 @@ OutputOpt = Annotated[
 
 
 def _driver_and_target(ctx: Any, storage_name: str) -> tuple[Any, Any]:
-    from qrm_core.drivers.base import StorageTarget
-    from qrm_core.services import storage as storage_service
+    from qrm_core.plugin_api import StorageTarget, show_storage
     from qrm_ramdisk.driver import RamdiskStorage
 
-    shown = storage_service.show_storage(ctx, storage_name)
+    shown = show_storage(ctx, storage_name)
     if shown.type != RamdiskStorage.name:
         raise InvalidInput(f"storage server {storage_name} is of type {shown.type}, not ramdisk")
     driver = ctx.plugins.storage_driver(shown.type)
@@ -54,9 +59,8 @@ def import_cmd(
     output: OutputOpt = Output.table,
 ) -> None:
     """Make a filesystem image from a directory or a tarball (a deterministic .tar.gz)."""
-    from qrm_core.services import service_context
-    from qrm_core.services import storage as storage_service
-    from qrm_core.services import validation as v
+    from qrm_core.plugin_api import add_filesystem_image, list_filesystem_images, service_context
+    from qrm_core.plugin_api import validation as v
 
     name = v.name(name, "filesystem image name")
     comment = v.comment(comment)
@@ -64,14 +68,14 @@ def import_cmd(
         raise InvalidInput(f"{source} does not exist")
     with service_context(get_settings()) as ctx:
         driver, target = _driver_and_target(ctx, storage)
-        if any(image.name == name for image in storage_service.list_filesystem_images(ctx)):
+        if any(image.name == name for image in list_filesystem_images(ctx)):
             raise AlreadyExists(f"filesystem image {name!r} already exists")
+        ctx.commit()  # the read ends: no transaction stays open while the archive is built
         driver.import_volume(target, name, source, size)
         try:
-            result = storage_service.add_filesystem_image(
-                ctx, name=name, storage=storage, location=name, comment=comment
-            )
+            result = add_filesystem_image(ctx, name=name, storage=storage, location=name, comment=comment)
         except Exception:
+            ctx.rollback()  # nor while the volume goes again
             driver.remove_volume(target, name)
             raise
         archive = driver.volumes(target).archive(name)
@@ -91,19 +95,19 @@ def list_cmd(
     output: OutputOpt = Output.table,
 ) -> None:
     """List the volumes of ramdisk storage servers and whom they are exported to."""
-    from qrm_core.services import service_context
-    from qrm_core.services import storage as storage_service
+    from qrm_core.plugin_api import list_filesystem_images, list_storage, service_context
 
     rows: list[dict[str, Any]] = []
     with service_context(get_settings()) as ctx:
-        servers = [s for s in storage_service.list_storage(ctx) if s.type == "ramdisk"]
+        servers = [s for s in list_storage(ctx) if s.type == "ramdisk"]
         if storage is not None:
             servers = [s for s in servers if s.name == storage]
             if not servers:
                 raise InvalidInput(f"there is no ramdisk storage server {storage!r}")
-        images = {(i.storage, i.location): i.name for i in storage_service.list_filesystem_images(ctx)}
-        for server in servers:
-            driver, target = _driver_and_target(ctx, server.name)
+        images = {(i.storage, i.location): i.name for i in list_filesystem_images(ctx)}
+        targets = [(server, *_driver_and_target(ctx, server.name)) for server in servers]
+        ctx.commit()  # the read ends: no driver call inside a transaction
+        for server, driver, target in targets:
             for volume in driver.list_volumes(target):
                 rows.append(
                     {

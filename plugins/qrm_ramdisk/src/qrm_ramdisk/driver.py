@@ -27,8 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qrm_core.drivers.base import ExportClient, RootSpec, StorageDriver, StorageTarget, VolumeInfo
-from qrm_core.errors import DriverError, InvalidInput, NotFound
+from qrm_core.plugin_api import (
+    DriverError,
+    ExportClient,
+    InvalidInput,
+    NotFound,
+    RootSpec,
+    StorageDriver,
+    StorageTarget,
+    VolumeInfo,
+)
 from qrm_ramdisk.settings import RamdiskSettings, load_settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -103,6 +111,7 @@ class RamdiskStorage(StorageDriver):
 
     name = "ramdisk"
     description = "root filesystem archives served by qrm server, unpacked into RAM by the node agent"
+    copies_per_machine = True  # each machine unpacks the archive: VEs may share it
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
@@ -233,7 +242,14 @@ class RamdiskStorage(StorageDriver):
 
     # -- booting ----------------------------------------------------------
 
-    def describe_root(self, storage: StorageTarget, location: str) -> RootSpec:
+    def describe_root(
+        self,
+        storage: StorageTarget,
+        location: str,
+        client: ExportClient | None = None,
+        *,
+        shared: bool = False,
+    ) -> RootSpec:
         check_name(location, "volume name")
         base = self.ramdisk.effective_base_url(self.settings)
         if base is None:

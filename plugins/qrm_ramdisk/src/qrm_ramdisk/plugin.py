@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qrm_core import hookimpl
+from qrm_core.plugin_api import hookimpl
 
 if TYPE_CHECKING:
     import typer

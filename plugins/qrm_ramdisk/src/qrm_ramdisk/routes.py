@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from qrm_core.config import get_settings
+from qrm_core.plugin_api import get_settings
 from qrm_ramdisk.driver import NAME_RE, ROUTE_PREFIX, Volumes
 from qrm_ramdisk.settings import load_settings
 

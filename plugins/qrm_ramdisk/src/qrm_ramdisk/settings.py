@@ -11,8 +11,7 @@ from typing import Any, ClassVar
 from pydantic import field_validator
 from pydantic_settings import SettingsConfigDict
 
-from qrm_core.config import PluginSettings, Settings
-from qrm_core.errors import DriverError
+from qrm_core.plugin_api import DriverError, PluginSettings, Settings
 
 
 class RamdiskSettings(PluginSettings):
