@@ -1,0 +1,1 @@
+"""qrm-iscsi: the ``iscsi`` storage type, filesystem images as LUNs on a tgt target."""
