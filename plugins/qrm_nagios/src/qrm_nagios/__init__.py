@@ -1,0 +1,3 @@
+"""qrm-nagios: TODO one line saying what it adds to qrm."""
+
+__version__ = "0.1.0"
