@@ -65,6 +65,7 @@ from sqlmodel import col
 from qrm_core import db
 from qrm_core.config import Settings
 from qrm_core.models import Resource
+from qrm_core.testkit import Netns
 from qrm_dhcpd.backends import Backend, KeaBackend, get_backend
 from qrm_dhcpd.kea import KeaControl
 from qrm_dhcpd.keadb import db_init, dispose_engines
@@ -84,39 +85,24 @@ def mac(i: int) -> str:
     return "52:54:" + ":".join(f"{(i >> s) & 255:02x}" for s in (24, 16, 8, 0))
 
 
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 @contextmanager
 def namespace() -> Iterator[tuple[str, str]]:
-    tag = f"qdb{os.getpid() % 100000}"
-    srv, cli = f"{tag}s", f"{tag}c"
-    run("ip", "netns", "add", srv)
+    """The server's namespace (and a client's at the other end of a veth pair); always deleted."""
+    srv = Netns("dbs")
+    cli: Netns | None = None
+    interface = f"qdb{os.getpid() % 100000}S"
     try:
-        run("ip", "netns", "add", cli)
-        run(
-            "ip",
-            "link",
-            "add",
-            f"{tag}S",
-            "netns",
-            srv,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"{tag}C",
-            "netns",
-            cli,
+        cli = Netns("dbc")
+        srv.ip(
+            "link", "add", interface, "type", "veth", "peer", "name", interface[:-1] + "C", "netns", cli.name
         )
-        run("ip", "-n", srv, "addr", "add", f"{SERVER}/16", "dev", f"{tag}S")
-        run("ip", "-n", srv, "link", "set", "lo", "up")
-        run("ip", "-n", srv, "link", "set", f"{tag}S", "up")
-        yield srv, f"{tag}S"
+        srv.ip("addr", "add", f"{SERVER}/16", "dev", interface)
+        srv.ip("link", "set", interface, "up")
+        yield srv.name, interface
     finally:
         for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+            if ns is not None:
+                ns.delete()
 
 
 def core_settings(workdir: Path, size: int) -> Settings:

@@ -41,6 +41,7 @@ import asyncio
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -231,24 +232,147 @@ def clean_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def start_qrm(workdir: Path, heartbeat_timeout: float) -> ChildServer:
+ADMIN_PASSWORD = "bench-Admin-Password-7"
+
+
+def start_qrm(workdir: Path, heartbeat_timeout: float, config_env: dict[str, str], name: str) -> ChildServer:
     port = free_port()
-    data = workdir / "qrm-data"
+    data = workdir / f"{name}-data"
     qrm = Path(sys.executable).parent / "qrm"
     env = clean_env(data)
     # The agents here register first and heartbeat later (and then each only
     # every N / rate seconds): with the default 35 s timeout the engine would
     # put thousands of them in error mid-run and that work would be measured.
     env["QRM_HEARTBEAT_TIMEOUT"] = str(heartbeat_timeout)
+    env.update(config_env)
+    # A managed DHCP server starts only once the admin has a password of their own.
+    subprocess.run(
+        [str(qrm), "init", "--admin-password", ADMIN_PASSWORD], env=env, check=True, capture_output=True
+    )
     server = ChildServer(
-        "qrm server",
+        f"qrm server ({name})",
         [str(qrm), "server", "--host", "127.0.0.1", "--port", str(port)],
         port,
         env,
-        workdir / "qrm-server.out",
+        workdir / f"{name}-server.out",
     )
-    server.wait_ready("/api/v1/health")
+    server.wait_ready("/api/v1/health", timeout=120)
     return server
+
+
+# ---------------------------------------------------------------------------
+# Configurations of the qrm server
+# ---------------------------------------------------------------------------
+
+CONFIGS = ("installed", "core", "kea", "kea-config")
+#: The agents' addresses (qrm_core.lab.simulate.ip_for) are in 198.18.0.0/15;
+#: the DHCP server of the kea configurations serves that subnet in a namespace.
+KEA_SUBNET = "198.18.0.0/15"
+KEA_SERVER = "198.19.255.254"
+
+
+def plugin_names() -> list[str]:
+    """The plugins installed in this environment outside qrm-core."""
+    from qrm_core.plugins import CORE_DISTRIBUTION, PLUGIN_GROUP, installed_entry_points
+
+    return sorted(
+        r.name
+        for r in installed_entry_points(PLUGIN_GROUP)
+        if r.distribution not in (None, CORE_DISTRIBUTION)
+    )
+
+
+class KeaSite:
+    """What the kea configurations need, made once per run and always removed:
+    a network namespace whose veth end carries the DHCP subnet (the managed
+    Kea listens there, nothing leaves it), and for ``kea`` a PostgreSQL
+    database with Kea's schema for its hosts (``kea-admin db-init``)."""
+
+    def __init__(self, configs: list[str]) -> None:
+        self.netns: Any = None
+        self.peer: Any = None
+        self.interface = f"qrb{os.getpid() % 100000}S"
+        self.database: str | None = None
+        self.admin: Any = None
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="qrb"))
+        if not any(c.startswith("kea") for c in configs):
+            return
+        if os.geteuid() != 0:
+            raise SystemExit("the kea configurations need root (a network namespace and Kea)")
+        from qrm_core.testkit import Netns
+
+        self.netns = Netns("rgs")
+        self.peer = Netns("rgc")
+        self.netns.ip(
+            "link", "add", self.interface, "type", "veth", "peer", "name", self.interface[:-1] + "C",
+            "netns", self.peer.name,
+        )  # fmt: skip
+        self.netns.ip("addr", "add", f"{KEA_SERVER}/15", "dev", self.interface)
+        self.netns.ip("link", "set", self.interface, "up")
+        if "kea" in configs:
+            import sqlalchemy as sa
+
+            from qrm_dhcpd.keadb import db_init
+
+            admin_url = os.environ.get(
+                "QRM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+            )
+            self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+            name = f"qrm_bench_kea_{os.getpid()}"
+            with self.admin.connect() as conn:
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            self.database = name
+            user = sa.engine.make_url(admin_url).username or "postgres"
+            host = sa.engine.make_url(admin_url).host or "127.0.0.1"
+            port = sa.engine.make_url(admin_url).port or 5432
+            self.hosts_url = f"postgresql://{user}@{host}:{port}/{name}"
+            db_init(self.hosts_url, "kea-admin")
+
+    def env(self, config: str, name: str) -> dict[str, str]:
+        if config == "installed":
+            return {}
+        if config == "core":
+            return {"QRM_DISABLE_PLUGINS": ",".join(plugin_names())}
+        env = {
+            "QRM_DHCPD_BACKEND": "kea",
+            "QRM_DHCPD_MANAGE": "true",
+            "QRM_DHCPD_NETNS": self.netns.name,
+            "QRM_DHCPD_INTERFACE": self.interface,
+            "QRM_DHCPD_SUBNET": KEA_SUBNET,
+            "QRM_DHCPD_POOL_START": "198.19.255.100",
+            "QRM_DHCPD_POOL_END": "198.19.255.200",
+            "QRM_DHCPD_ROUTER": KEA_SERVER,
+            "QRM_DHCPD_NEXT_SERVER": KEA_SERVER,
+            "QRM_DHCPD_KEA_CONTROL_SOCKET": str(self.socket_dir / f"{name}.sock"),
+            "QRM_DHCPD_TIMEOUT": "60",
+        }
+        if config == "kea":
+            env["QRM_DHCPD_KEA_HOSTS_DATABASE"] = self.hosts_url
+        return env
+
+    def clear_hosts(self) -> None:
+        """A fresh repetition registers the same MACs again: Kea's hosts table starts empty."""
+        if self.database is None:
+            return
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(self.admin.url).set(database=self.database)
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DELETE FROM hosts")
+        finally:
+            engine.dispose()
+
+    def close(self) -> None:
+        if self.admin is not None and self.database is not None:
+            with self.admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            self.admin.dispose()
+        for ns in (self.netns, self.peer):
+            if ns is not None:
+                ns.delete()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def qrm_enrollment_token(server: ChildServer) -> str:
@@ -257,7 +381,7 @@ def qrm_enrollment_token(server: ChildServer) -> str:
     async def fetch() -> str:
         conn = await Connection.open("127.0.0.1", server.port)
         try:
-            auth = base64.b64encode(b"qrm:qrm").decode()
+            auth = base64.b64encode(f"qrm:{ADMIN_PASSWORD}".encode()).decode()
             status, data = await conn.request(
                 "GET", "/api/v1/site/enrollment-token", headers={"Authorization": f"Basic {auth}"}
             )
@@ -292,15 +416,18 @@ def start_bare(workdir: Path) -> ChildServer:
     return server
 
 
-def run_once(kinds: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def run_once(kinds: list[str], args: argparse.Namespace, site: KeaSite) -> dict[str, Any]:
     """Start the servers (fresh data directories), drive them in turns, stop them."""
     workdir = Path(tempfile.mkdtemp(prefix=f"qrm-bench-register-{os.getpid()}-"))
     servers: dict[str, ChildServer] = {}
+    site.clear_hosts()
     try:
         drivers = []
         for kind in kinds:
-            if kind == "qrm":
-                servers[kind] = start_qrm(workdir, args.heartbeat_timeout)
+            if kind.startswith("qrm"):
+                config = kind.partition(":")[2] or "installed"
+                name = kind.replace(":", "-")
+                servers[kind] = start_qrm(workdir, args.heartbeat_timeout, site.env(config, name), name)
                 token = qrm_enrollment_token(servers[kind])
             else:
                 servers[kind] = start_bare(workdir)
@@ -444,6 +571,16 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=["qrm", "bare"], help="run one server only")
     parser.add_argument(
+        "--configs",
+        default="installed",
+        help="qrm servers to run beside the bare endpoint, comma-separated (default: installed): "
+        "installed = every plugin this environment has; core = the same with every plugin "
+        "disabled (QRM_DISABLE_PLUGINS: not imported, as if not installed); kea = installed, with "
+        "qrm-dhcpd managing a Kea 2.2 in a network namespace, its reservations in a hosts database "
+        "on PostgreSQL (QRM_TEST_POSTGRES_URL); kea-config = the same with reservations in Kea's "
+        "configuration (a rewrite per change, group commit). The kea ones need root.",
+    )
+    parser.add_argument(
         "--generator-check", action="store_true", help="measure the load generator alone first"
     )
     parser.add_argument("--keep", action="store_true", help="keep the data directories (logs, databases)")
@@ -462,9 +599,27 @@ def main() -> None:
         result["generator"] = generator_check(args)
         print(f"# generator alone: {result['generator']}", file=sys.stderr)
 
-    kinds = [args.only] if args.only else ["qrm", "bare"]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r} (one of {', '.join(CONFIGS)})")
+    qrm_kinds = ["qrm" if c == "installed" else f"qrm:{c}" for c in configs]
+    kinds = ["bare"] if args.only == "bare" else qrm_kinds if args.only == "qrm" else [*qrm_kinds, "bare"]
+    result["plugins_installed"] = plugin_names()
+    # 'installed' means every plugin of this environment, whatever installed it
+    # (docs/example-plugin included): say which, the figures depend on it.
+    print(f"# plugins installed: {', '.join(result['plugins_installed']) or 'none'}", file=sys.stderr)
+    site = KeaSite(configs)
+    try:
+        _repeat(kinds, args, site, result)
+    finally:
+        site.close()
+    report(kinds, result)
+
+
+def _repeat(kinds: list[str], args: argparse.Namespace, site: KeaSite, result: dict[str, Any]) -> None:
     for rep in range(args.repeat):
-        run = run_once(kinds if rep % 2 == 0 else list(reversed(kinds)), args)
+        run = run_once(kinds if rep % 2 == 0 else list(reversed(kinds)), args, site)
         for kind in kinds:
             r, h = run[kind]["registrations"], run[kind]["heartbeats"]
             print(
@@ -475,14 +630,22 @@ def main() -> None:
                 f"idle CPU {run[kind]['idle_cpu_percent']}%",
                 file=sys.stderr,
             )
-        if len(kinds) == 2:
+        if "bare" in kinds:
             run["ratio"] = {
-                phase: round(run["qrm"][phase]["per_second"] / run["bare"][phase]["per_second"], 3)
-                for phase in ("registrations", "heartbeats")
-                if run["bare"][phase]["per_second"]
+                kind: {
+                    phase: round(run[kind][phase]["per_second"] / run["bare"][phase]["per_second"], 3)
+                    for phase in ("registrations", "heartbeats")
+                    if run["bare"][phase]["per_second"]
+                }
+                for kind in kinds
+                if kind != "bare"
             }
             print(f"# rep {rep + 1}/{args.repeat} qrm/bare: {run['ratio']}", file=sys.stderr)
         result["runs"].append(run)
+
+
+def report(kinds: list[str], result: dict[str, Any]) -> None:
+    args = argparse.Namespace(**result["params"])
 
     def med(kind: str, phase: str, key: str) -> float:
         return median([r[kind][phase][key] for r in result["runs"] if kind in r])
@@ -496,31 +659,41 @@ def main() -> None:
             }
             for phase in ("registrations", "heartbeats")
         }
-    if len(kinds) == 2:
+    if "bare" in kinds:
         summary["ratio"] = {
-            phase: median([r["ratio"][phase] for r in result["runs"] if phase in r.get("ratio", {})])
-            for phase in ("registrations", "heartbeats")
+            kind: {
+                phase: median([r["ratio"][kind][phase] for r in result["runs"] if phase in r["ratio"][kind]])
+                for phase in ("registrations", "heartbeats")
+            }
+            for kind in kinds
+            if kind != "bare"
         }
     result["summary"] = summary
     path = save_results("server-register", result)
 
-    print(f"\nN={args.n} agents, {args.concurrency} connections, {args.repeat} repetition(s), medians\n")
+    print(f"\nN={args.n} agents, {args.concurrency} connections, {args.repeat} repetition(s), medians")
+    print(f"plugins installed: {', '.join(result.get('plugins_installed', [])) or 'none'}\n")
     print(
         "| server | registrations/s | p95 ms | server CPU ms/req | heartbeats/s | p95 ms | server CPU ms/req |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
+    labels = {
+        "bare": "bare FastAPI + SQLite",
+        "qrm": "qrm server (every plugin installed here)",
+        "qrm:core": "qrm server, core alone (plugins disabled)",
+        "qrm:kea": "qrm server, plugins + Kea (hosts database)",
+        "qrm:kea-config": "qrm server, plugins + Kea (reservations in its configuration)",
+    }
     for kind in kinds:
         r, h = summary[kind]["registrations"], summary[kind]["heartbeats"]
-        label = "qrm server" if kind == "qrm" else "bare FastAPI + SQLite"
         print(
-            f"| {label} | {r['per_second']:.0f} | {r['p95_ms']:.1f} | {r['server_cpu_ms_per_request']:.2f} "
+            f"| {labels[kind]} | {r['per_second']:.0f} | {r['p95_ms']:.1f} | {r['server_cpu_ms_per_request']:.2f} "
             f"| {h['per_second']:.0f} | {h['p95_ms']:.1f} | {h['server_cpu_ms_per_request']:.2f} |"
         )
-    if "ratio" in summary:
-        ratio = summary["ratio"]
+    for kind, ratio in summary.get("ratio", {}).items():
         print(
-            f"| **qrm / bare** (median of per-repetition ratios) | **{ratio['registrations']:.2f}** | | "
-            f"| **{ratio['heartbeats']:.2f}** | | |"
+            f"| **{labels[kind]} / bare** (median of per-repetition ratios) | **{ratio['registrations']:.2f}** "
+            f"| | | **{ratio['heartbeats']:.2f}** | | |"
         )
     print(f"\nJSON: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from qrm_core.config import get_settings
+from qrm_core.plugin_api import get_settings
 from qrm_example import inventory, settings
 
 app = typer.Typer(help="The example plugin: a machine-readable inventory of resources.", no_args_is_help=True)
@@ -62,12 +62,12 @@ def show_inventory(
 @app.command("sync")
 def sync() -> None:
     """Rebuild the inventory from the database (after the plugin was disabled, or the file lost)."""
-    from qrm_core.services import resources, service_context
+    from qrm_core.plugin_api import list_resources, service_context
 
     core = get_settings()
     path = settings.load(core).inventory_file
     assert path is not None
     with service_context(core) as ctx:
-        page = resources.list_resources(ctx)
+        page = list_resources(ctx)
     count = inventory.rebuild(path, page.items)
     typer.echo(f"wrote {count} resource(s) to {path}")

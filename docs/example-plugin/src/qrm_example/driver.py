@@ -27,8 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qrm_core.drivers.base import ExportClient, RootSpec, StorageDriver, StorageTarget, VolumeInfo
-from qrm_core.errors import DriverError, InvalidInput, NotFound
+from qrm_core.plugin_api import (
+    DriverError,
+    ExportClient,
+    InvalidInput,
+    NotFound,
+    RootSpec,
+    StorageDriver,
+    StorageTarget,
+    VolumeInfo,
+)
 from qrm_example import settings
 
 #: A volume (and storage server) name: one path component, no dot files.
@@ -155,7 +163,14 @@ class DirStorage(StorageDriver):
             if volume is not None and client.ip in volume["exports"]:
                 volume["exports"].remove(client.ip)
 
-    def describe_root(self, storage: StorageTarget, location: str) -> RootSpec:
+    def describe_root(
+        self,
+        storage: StorageTarget,
+        location: str,
+        client: ExportClient | None = None,
+        *,
+        shared: bool = False,
+    ) -> RootSpec:
         self.validate_server(storage)
         self.validate_location(storage, location)
         path = self._volume_dir(storage, location)

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
-from qrm_core.config import PluginSettings
+from qrm_core.plugin_api import PluginSettings
 
 if TYPE_CHECKING:
-    from qrm_core.config import Settings
+    from qrm_core.plugin_api import Settings
 
 ENV_PREFIX = "QRM_EXAMPLE_"
 
@@ -42,14 +42,17 @@ class ExampleSettings(PluginSettings):
 
 
 def load(core: Settings) -> ExampleSettings:
-    """Read the plugin's settings now (not at import), with a one-line error.
+    """The plugin's settings, read at use (not at import), with a one-line error.
 
-    Read on every use rather than cached, so a changed environment (tests, a
-    long-running server restarted with new settings) is honoured.
+    Kept until the environment or qrm.toml changes (``cached()``): the
+    resource hooks ask on every registration, and building settings costs
+    about a millisecond. The kept object is shared, so paths derived from
+    ``data_dir`` go into a copy.
     """
-    own = ExampleSettings.load()  # a bad value: one line naming the variable
+    own = ExampleSettings.cached()  # a bad value: one line naming the variable
+    derived: dict[str, Path] = {}
     if own.inventory_file is None:
-        own.inventory_file = core.data_dir / "inventory" / "resources.json"
+        derived["inventory_file"] = core.data_dir / "inventory" / "resources.json"
     if own.storage_root is None:
-        own.storage_root = core.data_dir / "example-dir"
-    return own
+        derived["storage_root"] = core.data_dir / "example-dir"
+    return own.model_copy(update=derived) if derived else own

@@ -14,8 +14,7 @@ volume, DriverError when the backend refuses or fails. One-line messages.
 
 from __future__ import annotations
 
-from qrm_core.drivers.base import ExportClient, RootSpec, StorageDriver, StorageTarget, VolumeInfo
-from qrm_core.errors import DriverError
+from qrm_core.plugin_api import DriverError, ExportClient, RootSpec, StorageDriver, StorageTarget, VolumeInfo
 
 
 class MyPluginStorage(StorageDriver):
@@ -44,5 +43,12 @@ class MyPluginStorage(StorageDriver):
     def unexport_volume(self, storage: StorageTarget, location: str, client: ExportClient) -> None:
         raise DriverError("myplugin: unexport_volume is not implemented yet")
 
-    def describe_root(self, storage: StorageTarget, location: str) -> RootSpec:
+    def describe_root(
+        self,
+        storage: StorageTarget,
+        location: str,
+        client: ExportClient | None = None,
+        *,
+        shared: bool = False,
+    ) -> RootSpec:
         raise DriverError("myplugin: describe_root is not implemented yet")

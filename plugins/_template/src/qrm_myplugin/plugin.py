@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qrm_core import hookimpl
+from qrm_core.plugin_api import hookimpl
 
 if TYPE_CHECKING:
-    from qrm_core.context import HookContext
-    from qrm_core.models import ResourcePublic
+    from qrm_core.plugin_api import HookContext, ResourcePublic
 
 
 @hookimpl

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
-from qrm_core.config import PluginSettings
+from qrm_core.plugin_api import PluginSettings
 
 ENV_PREFIX = "QRM_MYPLUGIN_"
 
