@@ -10,7 +10,14 @@ from integration_support import BROKEN_DISTRIBUTION, BROKEN_DRIVER, BROKEN_PLUGI
 
 from qrm_core.drivers.base import BaseDriver
 from qrm_core.errors import DriverLoadError
-from qrm_core.plugins import DRIVER_GROUPS, HYPERVISOR_GROUP, PLUGIN_GROUP, STORAGE_GROUP, PluginSystem
+from qrm_core.plugins import (
+    DRIVER_GROUPS,
+    HYPERVISOR_GROUP,
+    PLUGIN_GROUP,
+    POWER_GROUP,
+    STORAGE_GROUP,
+    PluginSystem,
+)
 
 #: SDKs that must be imported only when their driver is used, never by loading plugins.
 HEAVY_MODULES = ("libvirt", "pyVmomi", "pyvmomi")
@@ -45,7 +52,11 @@ def test_every_plugin_loads_and_validates(plain_settings) -> None:
 def test_every_driver_loads_by_name_and_implements_its_interface(plain_settings, group) -> None:
     system = PluginSystem(plain_settings).load()
     interface = DRIVER_GROUPS[group]
-    load = {STORAGE_GROUP: system.storage_driver, HYPERVISOR_GROUP: system.hypervisor_driver}[group]
+    load = {
+        STORAGE_GROUP: system.storage_driver,
+        HYPERVISOR_GROUP: system.hypervisor_driver,
+        POWER_GROUP: system.power_driver,
+    }[group]
     names = [ep.name for ep in entry_points(group)]
     assert "fake" in names
     for name in names:

@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
+from qrm_core.testkit import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_run_script_serves_qrm_on_the_sqlite_default(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QRM_") or k.startswith("QRM_TEST_")}
     env.pop("VIRTUAL_ENV", None)
     env["QRM_DATA_DIR"] = str(tmp_path / "data")
@@ -58,6 +53,16 @@ def test_run_script_serves_qrm_on_the_sqlite_default(tmp_path: Path) -> None:
         assert answer.status_code == 200 and answer.json()["items"] == []
         assert (tmp_path / "data" / "qrm.db").is_file()
         assert httpx.get(url + "/api/v1/resources", timeout=10).status_code == 401
+        # Issue 15: a fresh install (default password, no provisioning address) serves
+        # this machine only - TFTP included, which used to serve UDP 0.0.0.0:69.
+        text = log.read_text()
+        assert "serves this machine only" in text and "tftpd: serving on 127.0.0.1 only" in text
+        listening = subprocess.run(["ss", "-H", "-lntup"], capture_output=True, text=True, check=True).stdout
+        mine = [line.split() for line in listening.splitlines() if f"pid={proc.pid}," in line]
+        assert mine, listening
+        for fields in mine:
+            host = fields[4].rsplit(":", 1)[0].strip("[]")
+            assert host in ("127.0.0.1", "::1"), f"listens beyond loopback: {' '.join(fields)}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the session run.sh's exec'd server leads

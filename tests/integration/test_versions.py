@@ -32,8 +32,18 @@ def project(path: Path) -> dict:
     return tomllib.loads(path.read_text(encoding="utf-8"))["project"]
 
 
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0]
+
+
 CORE_VERSION = project(CORE)["version"]
 PROJECTS = repository_projects()
+#: Distributions under plugins/ without entry points: libraries plugins may depend on (qrm-libvirt).
+LIBRARIES = {
+    project(p)["name"]
+    for p in PROJECTS
+    if p.parent.parent == REPO / "plugins" and not project(p).get("entry-points")
+}
 
 
 def test_core_version_is_the_one_the_package_reports() -> None:
@@ -52,7 +62,21 @@ def test_every_distribution_has_core_version_and_pins_core(path: Path) -> None:
     pins = [d for d in meta.get("dependencies", []) if re.match(r"^qrm-core\b", d)]
     assert pins == [f"qrm-core=={CORE_VERSION}"], f"{where}: must depend on exactly qrm-core=={CORE_VERSION}"
     others = [d for d in meta.get("dependencies", []) if re.match(r"^qrm[-_]", d) and d not in pins]
-    assert not others, f"{where}: plugins never depend on other plugins: {others}"
+    plugins = [d for d in others if requirement_name(d) not in LIBRARIES]
+    assert not plugins, f"{where}: plugins never depend on other plugins: {plugins}"
+    unpinned = [d for d in others if d != f"{requirement_name(d)}=={CORE_VERSION}"]
+    assert not unpinned, f"{where}: a library of this repository is pinned to {CORE_VERSION}: {unpinned}"
+
+
+def test_the_libraries_are_libraries() -> None:
+    """qrm-libvirt has no entry points (it is no plugin) and both libvirt plugins use it."""
+    assert "qrm-libvirt" in LIBRARIES
+    users = {
+        project(p)["name"]
+        for p in PROJECTS
+        if "qrm-libvirt==" + CORE_VERSION in project(p).get("dependencies", [])
+    }
+    assert users == {"qrm-qemu", "qrm-xen"}
 
 
 def test_installed_qrm_distributions_agree() -> None:
