@@ -352,6 +352,7 @@ def test_a_filesystem_image_page_snapshot_revert_clone_and_plugin_panels(
 
     with service_context(console_server.settings, plugins=console_server.plugins) as ctx:
         storage.add_filesystem_image(ctx, name="base", storage="NFS", size_mb=64)
+        storage.add_storage(ctx, name="SAN", type="fake", address="10.0.11.36")
     console_server.plugins.register(Backup(), "test-backup")
     try:
         page = pages.logged_in()
@@ -384,6 +385,18 @@ def test_a_filesystem_image_page_snapshot_revert_clone_and_plugin_panels(
         page.get_by_role("button", name="Clone").click()
         expect(page.get_by_role("status")).to_have_text("filesystem image base-copy cloned from base")
         expect(page.get_by_role("heading", name="Filesystem image base-copy", level=1)).to_be_visible()
+        # onto another storage server: the form offers the others, the image's own is "the same"
+        page.goto("/filesystem-images/base")
+        clone = page.locator("form[action$='/clone']")
+        where = clone.get_by_label("Storage server")
+        expect(where.locator("option")).to_have_text(["the same (NFS)", "SAN"])
+        clone.get_by_label("Name of the copy").fill("base-san")
+        where.select_option("SAN")
+        clone.get_by_role("button", name="Clone").click()
+        expect(page.get_by_role("status")).to_have_text("filesystem image base-san cloned from base")
+        expect(page.get_by_role("heading", name="Filesystem image base-san", level=1)).to_be_visible()
+        with service_context(console_server.settings, plugins=console_server.plugins) as ctx:
+            assert storage.show_filesystem_image(ctx, "base-san").storage == "SAN"
         screenshot(page, "filesystem-image")
         assert not axe_violations(page)
         # An image in use: the service's refusal, above the form; nothing made.

@@ -1188,8 +1188,10 @@ new_object_form(
 )
 
 
-def _fs_page_forms(name: str) -> dict[str, Form]:
+def _fs_page_forms(name: str, here: str = "", servers: list[str] | None = None) -> dict[str, Form]:
+    """The image page's forms; ``here`` is the image's storage server, ``servers`` every one."""
     base = f"/filesystem-images/{quote(name)}"
+    others = [s for s in servers or [] if s != here]
     return {
         "clone": Form(
             f"{base}/clone",
@@ -1199,6 +1201,14 @@ def _fs_page_forms(name: str) -> dict[str, Form]:
                     "Name of the copy",
                     required=True,
                     subjects=("filesystem image name", "filesystem image '"),
+                ),
+                Field(
+                    "storage",
+                    "Storage server",
+                    "select",
+                    options=[("", f"the same ({here})" if here else "the same"), *((s, s) for s in others)],
+                    subjects=("storage server",),
+                    help="on another one the files are copied through the qrm server",
                 ),
                 Field("comment", "Comment", subjects=("comment",)),
             ],
@@ -1238,16 +1248,18 @@ def _fs_view(
             "snapshots": snapshots,
             "snapshot_error": snapshot_error,
             "history": list(reversed(history)),
+            "servers": [s.name for s in storage.list_storage(ctx)],
         }
 
     data = call(request, user.name, read)
+    forms = _fs_page_forms(name, data["fs"].storage, data.pop("servers"))
     return object_page(
         request,
         user,
         "fs_image.html",
         object_type="filesystem_image",
         object_name=name,
-        forms=_fs_page_forms(name),
+        forms=forms,
         failed=failed,
         title=f"Filesystem image {name}",
         section="fs",
@@ -1289,7 +1301,11 @@ async def fs_action(request: Request, user: FormUser, name: str, action: str) ->
     if action not in ("clone", "snapshot"):
         raise NotFound(f"no filesystem image action {action!r}")
     user.require(Role.OPERATOR)
-    form = _fs_page_forms(name)[action]
+
+    def where(ctx: ServiceContext) -> tuple[str, list[str]]:
+        return storage.show_filesystem_image(ctx, name).storage, [s.name for s in storage.list_storage(ctx)]
+
+    form = _fs_page_forms(name, *(await acall(request, user.name, where)))[action]
     if action == "clone":
         made = await submit(request, user, form, lambda ctx, t: images.clone_filesystem_image(ctx, name, **t))
         if made is not None:
