@@ -264,10 +264,14 @@ def test_managed_service_is_offered_only_when_asked(
 ) -> None:
     ctx = HookContext(qrm_settings, "tester")
     dhcpd_env(monkeypatch, backend="kea")
-    assert qrm_dhcpd.plugin.qrm_collect_services(ctx) == []
+    # configured: the reservation writer (qrm_dhcpd.writer) only
+    (writer,) = qrm_dhcpd.plugin.qrm_collect_services(ctx)
+    assert isinstance(writer, BackgroundService) and writer.name == "dhcpd-reservations"
     monkeypatch.setenv("QRM_DHCPD_MANAGE", "true")
-    (service,) = qrm_dhcpd.plugin.qrm_collect_services(ctx)
+    # managed: the server first (started first, stopped last), then the writer
+    service, writer = qrm_dhcpd.plugin.qrm_collect_services(ctx)
     assert isinstance(service, BackgroundService) and service.name == "dhcpd (kea)"
+    assert writer.name == "dhcpd-reservations"
 
 
 def test_the_managed_server_waits_for_a_changed_admin_password(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from dhcpdlab import POOL, Wire, dhcpd_env, need
+from dhcpdlab import POOL, Wire, dhcpd_env, error_events, need
 from sqlalchemy.engine import make_url
 
 import qrm_dhcpd.plugin
@@ -233,3 +233,72 @@ def test_reservations_share_statements_on_postgresql(hosts_db_url: str, qrm_back
     assert all(
         macs[f"52:54:00:00:01:{i:02x}"] == (f"10.99.1.{i}", f"n{i}") for i in range(38) if i not in (5, 7)
     )
+
+
+def test_registrations_do_not_wait_for_the_hosts_database_while_the_server_runs(
+    hosts_db_url: str,
+    qrm_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    qrm_settings: Settings,
+    qrm_ctx,
+    qrm_plugins: PluginSystem,
+) -> None:  # type: ignore[no-untyped-def]
+    """Inside ``qrm server`` (its services running) a resource hook queues the
+    reservation and returns; the plugin's writer applies it. Shown with the
+    hosts table locked by another session: the resources are added while no
+    reservation can be written, and the reservations follow once it is free.
+    With the hooks writing in the request (before the writer), the first
+    ``add_resource`` waited for the lock."""
+    import threading
+
+    from qrm_core.server import start_plugin_services
+    from qrm_dhcpd.keadb import _batcher, db_init
+    from qrm_dhcpd.writer import ReservationWriter
+
+    need("kea-admin", "kea-admin")
+    db_init(hosts_db_url, "kea-admin")
+    dhcpd_env(monkeypatch, backend="kea", kea_hosts_database=hosts_db_url)
+    qrm_plugins.register(qrm_dhcpd.plugin, "dhcpd")
+    db = KeaHostsDb(hosts_db_url, 1)
+    running = start_plugin_services(qrm_settings, qrm_plugins)
+    locker = sa.create_engine(db.engine.url, poolclass=sa.pool.NullPool)
+    try:
+        (writer,) = running.started
+        assert isinstance(writer, ReservationWriter)
+        macs = [f"52:54:00:00:03:{i:02x}" for i in range(20)]
+        with locker.connect() as conn:
+            if qrm_backend == "mariadb":
+                conn.exec_driver_sql("LOCK TABLES hosts WRITE")
+            else:
+                conn.exec_driver_sql("BEGIN")
+                conn.exec_driver_sql("LOCK TABLE hosts IN ACCESS EXCLUSIVE MODE")
+            adder = threading.Thread(
+                target=lambda: [
+                    add_resource(qrm_ctx, mac=mac, ip=f"10.99.0.{i + 20}", hostname=f"r{i}")
+                    for i, mac in enumerate(macs)
+                ]
+            )
+            adder.start()
+            adder.join(20)
+            added_while_locked = not adder.is_alive()
+            assert writer.pending() >= 1
+            if qrm_backend == "mariadb":
+                conn.exec_driver_sql("UNLOCK TABLES")
+            else:
+                conn.exec_driver_sql("COMMIT")
+        adder.join(60)
+        assert added_while_locked, "a resource hook waited for the hosts database"
+        before = _batcher(db).statements
+        assert writer.flush(60)
+        assert {m: db.macs().get(m) for m in macs} == {
+            m: (f"10.99.0.{i + 20}", f"r{i}") for i, m in enumerate(macs)
+        }
+        if qrm_backend != "mariadb":
+            # the one change stuck behind the lock went alone; the 19 queued meanwhile shared statements
+            assert _batcher(db).statements - before < 10
+        remove_resource(qrm_ctx, macs[0])
+    finally:
+        running.stop()  # applies what is queued first
+        locker.dispose()
+    assert macs[0] not in db.macs()
+    assert error_events(qrm_ctx) == []

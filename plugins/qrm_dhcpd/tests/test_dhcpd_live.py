@@ -29,6 +29,7 @@ from qrm_core.services.resources import add_resource, remove_resource, show_reso
 from qrm_dhcpd.kea import KeaControl
 from qrm_dhcpd.service import ManagedDhcpServer
 from qrm_dhcpd.settings import load_settings
+from qrm_dhcpd.writer import ReservationWriter
 
 pytestmark = pytest.mark.netns
 
@@ -240,13 +241,22 @@ def test_qrm_server_runs_the_dhcp_server(
     add_resource(qrm_ctx, mac=MAC, ip="10.99.0.42", hostname="node42")
     running = start_plugin_services(qrm_settings, qrm_plugins)
     try:
-        (service,) = running.started
-        assert isinstance(service, ManagedDhcpServer)
+        service, writer = running.started
+        assert isinstance(service, ManagedDhcpServer) and isinstance(writer, ReservationWriter)
         pid = service.pid
         offer = wire.dhcp(MAC)
         assert offer is not None and (offer.ip, offer.hostname) == ("10.99.0.42", "node42")
+        # While the server runs, a hook queues its change and the writer applies it
+        # (a config-set here: Kea without a hosts database).
+        add_resource(qrm_ctx, mac=OTHER_MAC, ip="10.99.0.43", hostname="node43")
+        assert writer.flush(30) and writer.applied == 1
+        offer = wire.dhcp(OTHER_MAC)
+        assert offer is not None and (offer.ip, offer.hostname) == ("10.99.0.43", "node43")
+        # queued changes are applied before the server stops: the DHCP server stops last
+        remove_resource(qrm_ctx, OTHER_MAC)
     finally:
         running.stop()
+    assert writer.applied == 2
     assert pid is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -49,7 +49,18 @@ def _record_failure(ctx: HookContext, message: str) -> None:
         ctx.log.exception("dhcpd: could not record the failure in the event log")
 
 
+def _change(ctx: HookContext, action: str, resource: ResourcePublic) -> None:
+    """A hook's change: queued for the server's writer when one runs, else written now."""
+    if _settings(ctx) is None:
+        return
+    from qrm_dhcpd import writer
+
+    if not writer.submit(ctx, action, resource):
+        _apply(ctx, action, resource)
+
+
 def _apply(ctx: HookContext, action: str, resource: ResourcePublic) -> None:
+    """Write one change to the DHCP server; a failure is logged and recorded, never raised."""
     settings = _settings(ctx)
     if settings is None:
         return
@@ -78,32 +89,39 @@ def _apply(ctx: HookContext, action: str, resource: ResourcePublic) -> None:
 @hookimpl
 def qrm_resource_added(resource: ResourcePublic, ctx: HookContext) -> None:
     """Reserve the new resource's MAC (with its address and hostname, if known)."""
-    _apply(ctx, "reserve", resource)
+    _change(ctx, "reserve", resource)
 
 
 @hookimpl
 def qrm_resource_updated(resource: ResourcePublic, changed: list[str], ctx: HookContext) -> None:
     """Follow a change of address or hostname."""
     if DHCP_FIELDS.intersection(changed):
-        _apply(ctx, "update", resource)
+        _change(ctx, "update", resource)
 
 
 @hookimpl
 def qrm_resource_removed(resource: ResourcePublic, ctx: HookContext) -> None:
     """Drop the reservation of a removed resource."""
-    _apply(ctx, "remove", resource)
+    _change(ctx, "remove", resource)
 
 
 @hookimpl
 def qrm_collect_services(ctx: HookContext) -> list[BackgroundService]:
-    """The DHCP server itself, when qrm is to run it (``QRM_DHCPD_MANAGE=true``)."""
+    """The reservation writer (:mod:`qrm_dhcpd.writer`) wherever DHCP is
+    configured, and the DHCP server itself when qrm is to run it
+    (``QRM_DHCPD_MANAGE=true``; started first, stopped last, so the writer's
+    last changes reach it)."""
     settings = load_settings()
-    if not settings.configured or not settings.manage:
+    if not settings.configured:
         return []
-    from qrm_dhcpd.service import ManagedDhcpServer
+    from qrm_dhcpd.writer import ReservationWriter
 
-    service: Any = ManagedDhcpServer(settings, ctx.settings)
-    return [service]
+    services: list[Any] = [ReservationWriter(_apply)]
+    if settings.manage:
+        from qrm_dhcpd.service import ManagedDhcpServer
+
+        services.insert(0, ManagedDhcpServer(settings, ctx.settings))
+    return services
 
 
 @hookimpl
