@@ -116,6 +116,19 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
+#: Tries of a MySQL/MariaDB change that InnoDB undid to break a deadlock (changes of
+#: several MACs at once lock neighbouring index gaps; the server's writer applies a
+#: round's changes in parallel).
+DEADLOCK_RETRIES = 5
+#: ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
+_RETRYABLE = frozenset({1213, 1205})
+
+
+def _deadlock(exc: DBAPIError) -> bool:
+    args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
+    return bool(args) and args[0] in _RETRYABLE
+
+
 def _short(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", exc) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -218,40 +231,52 @@ class KeaHostsDb:
                     )
                 )
             return problems
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(self._DELETE, row)
-                if row["ip"] is not None:
-                    other = conn.execute(
-                        sa.text(
-                            "SELECT dhcp_identifier FROM hosts WHERE ipv4_address = :ip AND dhcp4_subnet_id = :sid"
-                        ),
-                        row,
-                    ).first()
-                    if other is not None:
-                        owner = ":".join(f"{b:02x}" for b in bytes(other[0]))
-                        problems.append(
-                            Problem(
-                                host.mac,
-                                f"address {host.ip} is already reserved for {owner}; reserved without one",
-                            )
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                return problems + self._upsert_once(row, host)
+            except DBAPIError as exc:
+                if attempt + 1 < DEADLOCK_RETRIES and _deadlock(exc):
+                    continue  # InnoDB chose this one to undo: its locks are gone, go again
+                raise self._fail(f"reserve {host.mac}", exc) from None
+        raise AssertionError("unreachable")
+
+    def _upsert_once(self, row: dict[str, Any], host: Host) -> list[Problem]:
+        """MySQL/MariaDB: the MAC's row deleted and inserted again, in one transaction."""
+        problems: list[Problem] = []
+        row = dict(row)
+        with self.engine.begin() as conn:
+            conn.execute(self._DELETE, row)
+            if row["ip"] is not None:
+                other = conn.execute(
+                    sa.text(
+                        "SELECT dhcp_identifier FROM hosts WHERE ipv4_address = :ip AND dhcp4_subnet_id = :sid"
+                    ),
+                    row,
+                ).first()
+                if other is not None:
+                    owner = ":".join(f"{b:02x}" for b in bytes(other[0]))
+                    problems.append(
+                        Problem(
+                            host.mac,
+                            f"address {host.ip} is already reserved for {owner}; reserved without one",
                         )
-                        row["ip"] = None
-                conn.execute(self._INSERT, row)
-        except DBAPIError as exc:
-            raise self._fail(f"reserve {host.mac}", exc) from None
+                    )
+                    row["ip"] = None
+            conn.execute(self._INSERT, row)
         return problems
 
     def remove(self, mac_hex: str) -> bool:
         """Drop the reservation of a MAC (12 hex digits); whether there was one."""
-        try:
-            with self.engine.begin() as conn:
-                result = conn.execute(
-                    self._DELETE, {"ident": bytes.fromhex(mac_hex), "t": HW_ADDRESS, "sid": self.subnet_id}
-                )
-                return bool(result.rowcount)
-        except DBAPIError as exc:
-            raise self._fail("remove a reservation", exc) from None
+        params = {"ident": bytes.fromhex(mac_hex), "t": HW_ADDRESS, "sid": self.subnet_id}
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                with self.engine.begin() as conn:
+                    return bool(conn.execute(self._DELETE, params).rowcount)
+            except DBAPIError as exc:
+                if attempt + 1 < DEADLOCK_RETRIES and _deadlock(exc):
+                    continue
+                raise self._fail("remove a reservation", exc) from None
+        raise AssertionError("unreachable")
 
     def replace_all(self, hosts: list[Host]) -> dict[str, int]:
         """Make the subnet's reservations exactly ``hosts``, in one transaction.
