@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from qrm_core.errors import AlreadyExists, InUse, InvalidInput, NotFound, QrmError, UnsupportedOperation
+from qrm_core.errors import (
+    AlreadyExists,
+    DriverError,
+    InUse,
+    InvalidInput,
+    NotFound,
+    QrmError,
+    UnsupportedOperation,
+)
 from qrm_core.models import Event, FilesystemImage, VirtualEnvironment
 from qrm_core.plugins import STORAGE_GROUP
 from qrm_core.services import boot_images, images, service_context
@@ -379,6 +387,85 @@ def test_clone_onto_another_storage_server_copies_the_files(site: tuple[Any, Any
         images.clone_filesystem_image(ctx, "web", name="web3", storage="flat")
     assert str(info.value) == "nofill on flat cannot fill volumes with files"
     assert snapshot_of(settings, plugins) == before
+
+
+def test_a_clone_across_releases_the_tree_it_read(site: tuple[Any, Any]) -> None:
+    """release_tree follows every read_tree that returned, once, with the tree it gave and no
+    transaction open: after a copy that worked and after one that failed (the copy's error is
+    the one told). A release that fails after a good copy keeps the clone, with a warning."""
+    from qrm_core.drivers.fake import FakeStorage
+    from qrm_core.models import EventLevel
+
+    settings, plugins = site
+    calls: list[tuple[str, str, str, bool]] = []
+    now: dict[str, Any] = {"refuse": False}
+
+    class Releasing(FakeStorage):
+        name = "releasing"
+
+        def read_tree(self, storage: Any, location: str) -> str:
+            tree = super().read_tree(storage, location)
+            calls.append(("read", location, tree, now["ctx"].session.in_transaction()))
+            return tree
+
+        def release_tree(self, storage: Any, location: str, tree: str) -> None:
+            calls.append(("release", location, tree, now["ctx"].session.in_transaction()))
+            if now["refuse"]:
+                raise DriverError("umount: target is busy")
+
+    class FailsToClose(FakeStorage):
+        name = "fails"
+
+        def close_tree(self, storage: Any, location: str, tree: str) -> str:
+            raise QrmError("the server's disk is full")
+
+    class NoRoom(FakeStorage):
+        name = "noroom"
+
+        def create_volume(self, storage: Any, name: str, size_mb: int) -> Any:
+            raise DriverError("no room for 50 MB")
+
+    for driver in (Releasing, FailsToClose, NoRoom):
+        plugins.add_driver(STORAGE_GROUP, driver(settings))
+    with ctx_for(settings, plugins) as ctx:
+        for name, kind in (("src", "releasing"), ("other", "fake"), ("full", "fails"), ("tiny", "noroom")):
+            storage_service.add_storage(ctx, name=name, type=kind, address="10.0.11.40")
+        storage_service.add_filesystem_image(ctx, name="db", storage="src", size_mb=50)
+        location = storage_service.show_filesystem_image(ctx, "db").location
+    tree = settings.state_dir / "fake-storage" / "src.trees" / location.strip("/")
+    tree.mkdir(parents=True)
+    (tree / "data").write_text("rows\n")
+    read_then_released = [("read", location, str(tree), False), ("release", location, str(tree), False)]
+
+    def clone(new: str, onto: str) -> Any:
+        calls.clear()
+        with ctx_for(settings, plugins) as ctx:
+            now["ctx"] = ctx
+            return images.clone_filesystem_image(ctx, "db", name=new, storage=onto)
+
+    made = clone("db2", "other")
+    assert calls == read_then_released
+    copy = settings.state_dir / "fake-storage" / "other.trees" / made.location.strip("/") / "data"
+    assert copy.read_text() == "rows\n"
+    for onto, error in (("full", "the server's disk is full"), ("tiny", "no room for 50 MB")):
+        with pytest.raises(QrmError) as info:
+            clone("db3", onto)
+        assert str(info.value) == error
+        assert calls == read_then_released, onto
+    now["refuse"] = True
+    with pytest.raises(QrmError) as info:
+        clone("db3", "full")
+    assert str(info.value) == "the server's disk is full"  # not the release's
+    assert calls == read_then_released
+    assert clone("db4", "other").state == "ready"  # the copy worked: the clone stays
+    assert calls == read_then_released
+    with ctx_for(settings, plugins) as ctx:
+        warnings = ctx.session.exec(select(Event).where(Event.level == EventLevel.WARNING.value)).all()
+        assert [(e.object_name, e.message) for e in warnings] == [
+            ("db", f"the files of volume {location} on src read for a clone were not released: "
+             "umount: target is busy")
+        ]  # fmt: skip
+        assert [i.name for i in storage_service.list_filesystem_images(ctx)] == ["db", "db2", "db4", "web"]
 
 
 @pytest.mark.qrm_backends("sqlite")  # the copy is the services'; this checks the command shows it

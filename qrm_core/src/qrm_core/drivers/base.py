@@ -372,8 +372,16 @@ class StorageDriver(BaseDriver):
         :func:`qrm_core.remote.storage_runner` runs commands) that holds the
         volume's files as they are now, for core to read and copy elsewhere (a
         clone onto another storage server). Core only reads it, and only while no
-        machine uses the volume. A missing ``location`` is :class:`~qrm_core.errors.NotFound`."""
+        machine uses the volume. A missing ``location`` is :class:`~qrm_core.errors.NotFound`.
+        Core calls :meth:`release_tree` when it has finished reading."""
         raise self.unsupported("read_tree", storage.name)
+
+    def release_tree(self, storage: StorageTarget, location: str, tree: str) -> None:
+        """Core has finished reading ``tree``, which :meth:`read_tree` gave for
+        ``location``, whether the copy worked or failed: undo what read_tree did
+        to give it (unmount a filesystem it mounted). Called once for every
+        read_tree that returned, with no database transaction open. Idempotent.
+        The default: nothing to do (the tree is the volume itself)."""
 
     def close_tree(self, storage: StorageTarget, location: str, tree: str) -> str:
         """Make the files put into ``tree`` (from :meth:`open_tree`) the volume's

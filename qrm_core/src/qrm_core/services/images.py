@@ -562,8 +562,10 @@ def _clone_across(
 ) -> FilesystemImagePublic:
     """Clone onto another storage server: a volume of the source's size made there, the
     source's files (``read_tree``) copied into it (``open_tree``) as a tar stream through
-    this machine, then made the volume's data (``close_tree``). Nothing is left on the
-    other server when it fails; no transaction is open while the servers work."""
+    this machine, then made the volume's data (``close_tree``). The source's driver is
+    told when its files have been read (``release_tree``), whether the copy worked or
+    not. Nothing is left on the other server when it fails; no transaction is open
+    while the servers work."""
     from qrm_core.remote import copy_tree
 
     src_driver, src_where = driver_for(ctx, source_row), target(source_row)
@@ -583,34 +585,41 @@ def _clone_across(
             storage_runner(ctx.settings, dst_where),
         )
         src_tree = src_driver.read_tree(src_where, location)
-        counted = src_runner.script(
-            f"du -sb -- {shell_quote(src_tree)} 2>/dev/null | cut -f1\n"
-        ).stdout.strip()
-        total = int(counted) if counted.isdigit() else 0
-        say(f"making a {size} MB volume on {dest_name}")
-        volume = dst_driver.create_volume(dst_where, name, size)
         try:
-            tree = dst_driver.open_tree(dst_where, volume.location)
+            counted = src_runner.script(
+                f"du -sb -- {shell_quote(src_tree)} 2>/dev/null | cut -f1\n"
+            ).stdout.strip()
+            total = int(counted) if counted.isdigit() else 0
+            say(f"making a {size} MB volume on {dest_name}")
+            volume = dst_driver.create_volume(dst_where, name, size)
+            try:
+                tree = dst_driver.open_tree(dst_where, volume.location)
 
-            def report(copied: int, seconds: float) -> None:
-                rate = copied / seconds if seconds > 0 else 0.0
-                line = f"{capture.human_bytes(copied)}"
-                if total:
-                    line += f" of {capture.human_bytes(total)} ({min(100, copied * 100 // total)}%)"
-                line += f", {capture.human_bytes(rate)}/s"
-                if total and rate > 0 and copied < total:
-                    line += f", ETA {int((total - copied) / rate)} s"
-                say(f"copying {src_name} to {dest_name}: {line}")
+                def report(copied: int, seconds: float) -> None:
+                    rate = copied / seconds if seconds > 0 else 0.0
+                    line = f"{capture.human_bytes(copied)}"
+                    if total:
+                        line += f" of {capture.human_bytes(total)} ({min(100, copied * 100 // total)}%)"
+                    line += f", {capture.human_bytes(rate)}/s"
+                    if total and rate > 0 and copied < total:
+                        line += f", ETA {int((total - copied) / rate)} s"
+                    say(f"copying {src_name} to {dest_name}: {line}")
 
-            say(f"copying {src_name} from {from_name} to {dest_name}")
-            copied = copy_tree(src_runner, src_tree, dst_runner, tree, report=report)
-            say(f"copied {capture.human_bytes(copied)} in {time.monotonic() - started:.0f} s")
-            say("making the image from the copied files")
-            how = dst_driver.close_tree(dst_where, volume.location, tree)
-        except BaseException:
-            with contextlib.suppress(QrmError):
-                dst_driver.remove_volume(dst_where, volume.location)
-            raise
+                say(f"copying {src_name} from {from_name} to {dest_name}")
+                copied = copy_tree(src_runner, src_tree, dst_runner, tree, report=report)
+                say(f"copied {capture.human_bytes(copied)} in {time.monotonic() - started:.0f} s")
+                say("making the image from the copied files")
+                how = dst_driver.close_tree(dst_where, volume.location, tree)
+            except BaseException:
+                with contextlib.suppress(QrmError):
+                    dst_driver.remove_volume(dst_where, volume.location)
+                raise
+        finally:
+            # Done with the source's files, whatever happened; a failing copy's own error
+            # is the one raised (a tree that could not be released is logged).
+            unreleased = _release_tree(src_driver, src_where, location, src_tree)
+        if unreleased:  # the clone is made: say so in its events
+            ctx.record("filesystem-image", src_name, unreleased, EventLevel.WARNING)
         took = time.monotonic() - started
         new = _ready_image(name, dest_id, volume, size, f"clone of {src_name}", comment)
         _keep_new_image(
@@ -622,6 +631,19 @@ def _clone_across(
             dst_where,
         )
     return _announce(ctx, new)
+
+
+def _release_tree(driver: StorageDriver, where: StorageTarget, location: str, tree: str) -> str | None:
+    """Tell the source's driver that core has finished reading ``tree`` (``release_tree``:
+    e.g. unmount what read_tree mounted). None when done; else what went wrong, in one
+    line (logged too): the copy's outcome stands either way."""
+    try:
+        driver.release_tree(where, location, tree)
+    except QrmError as exc:
+        said = f"the files of volume {location} on {where.name} read for a clone were not released: {exc}"
+        logging.getLogger("qrm.images").warning("%s", said)
+        return said
+    return None
 
 
 def snapshot_filesystem_image(
