@@ -588,10 +588,17 @@ class StorageContract:
         assert driver.close_tree(storage, location, tree)
 
     def test_read_tree(self, driver: StorageDriver, storage: StorageTarget, volumes: list[str]) -> None:
-        """read_tree gives an absolute directory for a volume; a missing volume is NotFound."""
+        """read_tree gives an absolute directory for a volume, again after release_tree
+        (which may be called twice); a missing volume is NotFound."""
         _supported(driver, storage, "read_tree")
         location = self.create(driver, storage, volumes)
-        assert driver.read_tree(storage, location).startswith("/")
+        for _ in range(2):
+            tree = driver.read_tree(storage, location)
+            try:
+                assert tree.startswith("/")
+            finally:
+                driver.release_tree(storage, location, tree)
+        driver.release_tree(storage, location, tree)  # released already: nothing to do
         with pytest.raises(NotFound):
             driver.read_tree(storage, location + "-missing")
 

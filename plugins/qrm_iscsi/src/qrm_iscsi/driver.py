@@ -75,6 +75,8 @@ SECRET_LEN = 24
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Snapshots of a LUN file ``<backing_dir>/<vol>.img``: ``<backing_dir>/.qrm-snapshots/<vol>/<label>.img``.
 SNAPSHOTS = ".qrm-snapshots"
+#: Where ``read_tree`` mounts a LUN file's filesystem: ``<backing_dir>/.qrm-read/<vol>``.
+READING = ".qrm-read"
 #: What a snapshot, clone or revert of LUN files needs; LVM volumes (device-mapper) have none yet.
 FILE_ONLY = frozenset(
     {"clone_volume", "snapshot_volume", "list_snapshots", "revert_volume", "remove_snapshot"}
@@ -395,6 +397,12 @@ class IscsiStorage(StorageDriver):
             + script.tgtadm("--op", "delete", "--mode", "account", "--user", user)
             + "; }"
         )
+        # A read-only mount a clone left behind (read_tree without release_tree: a crash).
+        reading = quote(self._reading(config, location))
+        steps.append(
+            f"while mountpoint -q {reading}; do umount {reading} || break; done; "
+            f"! mountpoint -q {reading} && {{ rmdir {reading} 2>/dev/null || true; }}"
+        )
         if config.volume_group:
             steps.append(f"lvremove -q -f {quote(config.volume_group + '/' + location)} >/dev/null")
         else:
@@ -708,6 +716,26 @@ class IscsiStorage(StorageDriver):
         base = f"{config.backing_dir}/.qrm-fill" if config.backing_dir else f"{config.state_dir}/fill"
         return f"{base}/{volume}"
 
+    @staticmethod
+    def _reading(config: ServerConfig, volume: str) -> str:
+        """Where :meth:`read_tree` mounts a volume's filesystem read-only."""
+        base = f"{config.backing_dir}/{READING}" if config.backing_dir else f"{config.state_dir}/read"
+        return f"{base}/{volume}"
+
+    @staticmethod
+    def _unmount(mountpoint: str) -> str:
+        """Shell: unmount whatever is mounted on ``mountpoint`` (stacked mounts too) and
+        remove the directory; a failure prints ``qrm-failed`` and ends the script."""
+        q = quote(mountpoint)
+        return (
+            f"while mountpoint -q {q} 2>/dev/null; do\n"
+            f"  if ! err=$(umount {q} 2>&1); then "
+            f'echo "qrm-failed cannot unmount {mountpoint}: $(printf %s "$err" | head -n 1)"; exit 0; fi\n'
+            "done\n"
+            f"rmdir {q} 2>/dev/null || ! test -e {q} || "
+            f"{{ echo 'qrm-failed cannot remove the directory {mountpoint}'; exit 0; }}\n"
+        )
+
     def _said(self, storage: StorageTarget, script: str, location: str, label: str | None = None) -> str:
         done = self._run(storage, "set -u\n" + script, timeout=6 * 3600)
         lines = [line for line in done.stdout.splitlines() if line.startswith("qrm-")]
@@ -746,6 +774,44 @@ class IscsiStorage(StorageDriver):
             location,
         )
         return staging
+
+    def read_tree(self, storage: StorageTarget, location: str) -> str:
+        """The volume's ext4 filesystem mounted read-only on the storage server (a LUN file
+        through a loop device, an LVM volume directly; ``noload``: no journal replay, so
+        nothing is written to the volume; ``nosuid,nodev,noexec``: what is inside only
+        shows, it never runs), under ``<backing_dir>/.qrm-read/<volume>`` (or
+        ``<state_dir>/read/<volume>``). Owners, modes, setuid bits, hard links and device
+        nodes are there as they are in the volume. A mount left there by an earlier clone
+        that was interrupted is unmounted first. :meth:`release_tree` unmounts it."""
+        check_volume_name(location)
+        config = self._config(storage)
+        path = self._backing(config, location, "read a volume")
+        mountpoint = self._reading(config, location)
+        exists = f"test -b {quote(path)}" if config.volume_group else f"test -f {quote(path)}"
+        options = "ro,noload,nosuid,nodev,noexec" + ("" if config.volume_group else ",loop")
+        script = (
+            f"{exists} || {{ echo qrm-missing; exit 0; }}\n"
+            + self._unmount(mountpoint)
+            + f"mkdir -p -m 0700 -- {quote(mountpoint)} || "
+            f"{{ echo 'qrm-failed cannot make the directory {mountpoint}'; exit 0; }}\n"
+            f"if ! err=$(mount -t {FSTYPE} -o {options} {quote(path)} {quote(mountpoint)} 2>&1 </dev/null); then\n"
+            f"  rmdir {quote(mountpoint)} 2>/dev/null\n"
+            f'  echo "qrm-failed cannot mount volume {location} read-only: $(printf %s "$err" | head -n 1)"; exit 0\n'
+            "fi\n"
+            "echo qrm-done\n"
+        )
+        self._said(storage, script, location)
+        return mountpoint
+
+    def release_tree(self, storage: StorageTarget, location: str, tree: str) -> None:
+        """Unmount what :meth:`read_tree` mounted (the loop device goes with it: mount
+        made it with autoclear) and remove the mountpoint. Nothing mounted: nothing to do."""
+        check_volume_name(location)
+        config = self._config(storage)
+        mountpoint = self._reading(config, location)
+        if tree != mountpoint:
+            raise InvalidInput(f"{tree} is not where iSCSI volume {location} is read")
+        self._said(storage, self._unmount(mountpoint) + "echo qrm-done\n", location)
 
     def close_tree(self, storage: StorageTarget, location: str, tree: str) -> str:
         """An ext4 filesystem made from the staged files (``mkfs.ext4 -d``: owners, modes,
