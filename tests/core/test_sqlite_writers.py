@@ -52,7 +52,7 @@ def test_writers_of_one_process_never_meet_in_sqlite(engine: sa.Engine) -> None:
                 with Session(engine) as session:
                     session.connection().exec_driver_sql("INSERT INTO t (n) VALUES (?)", (n * 100 + i,))
                     session.commit()
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:  # collected for the assertion
             errors.append(exc)
 
     threads = [threading.Thread(target=write, args=(n,)) for n in range(24)]
@@ -90,6 +90,13 @@ def test_every_end_of_a_transaction_frees_the_queue(engine: sa.Engine) -> None:
     other.join(10)
     session.close()
     assert not queue.lock.locked()
+    # a connection invalidated in the middle of its transaction (a broken connection)
+    conn = engine.connect()
+    conn.exec_driver_sql("INSERT INTO t (n) VALUES (4)")
+    assert queue.lock.locked()
+    conn.invalidate()
+    assert not queue.lock.locked()
+    conn.close()
     # read-only transactions do not queue
     with engine.connect().execution_options(qrm_readonly=True) as conn:
         conn.exec_driver_sql("SELECT 1").all()

@@ -141,6 +141,9 @@ def _queue_sqlite_writers(engine: Engine) -> None:
 
     dialect.do_commit = do_commit  # type: ignore[method-assign,assignment]
     dialect.do_rollback = do_rollback  # type: ignore[method-assign,assignment]
+    # A connection closed or invalidated in the middle of its transaction ends it too.
+    event.listen(engine, "close", lambda dbapi_connection, _record: queue.leave(dbapi_connection))
+    event.listen(engine, "invalidate", lambda dbapi_connection, _record, _exc: queue.leave(dbapi_connection))
 
 
 def create_db_engine(url: str) -> Engine:
