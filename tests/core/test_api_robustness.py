@@ -204,3 +204,45 @@ def test_a_name_with_a_trailing_newline_is_refused() -> None:
     for check, value in ((v.name, "web\n"), (v.hostname, "node1\n"), (v.kernel_version, "6.1\n")):
         with pytest.raises(InvalidInput):
             check(value)
+
+
+@pytest.mark.qrm_backends("sqlite")
+def test_a_plugins_routes_answer_in_json_like_the_apis(qrm_settings, qrm_plugins) -> None:
+    """Wherever a plugin mounts its routes, the document describes them (one
+    operationId per operation) and their errors are JSON, a missing method a
+    405 with ``Allow``: never the console's HTML page, even for a browser."""
+    from fastapi import APIRouter, HTTPException
+    from fastapi.testclient import TestClient
+
+    from qrm_core.api.app import create_app
+    from qrm_core.plugin_api import hookimpl
+
+    router = APIRouter(prefix="/plugins/probe/files")
+
+    @router.api_route("/{name}", methods=["GET", "HEAD"], responses={403: {"description": "not yours"}})
+    def probe(name: str) -> dict[str, str]:
+        raise HTTPException(status_code=403 if name == "theirs" else 404, detail=f"no {name}")
+
+    class Probe:
+        @hookimpl
+        def qrm_register_routers(self, app) -> None:
+            app.include_router(router)
+
+    assert qrm_plugins.register(Probe(), "probe")
+    app = create_app(qrm_settings, qrm_plugins)
+    operations = app.openapi()["paths"]["/plugins/probe/files/{name}"]
+    assert sorted(operations) == ["get", "head"]
+    assert operations["get"]["operationId"] != operations["head"]["operationId"]
+    assert operations["get"]["responses"]["403"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
+    client = TestClient(app)
+    for headers in ({}, {"Accept": "text/html"}):
+        r = client.post("/plugins/probe/files/x", headers=headers)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        r = client.get("/plugins/probe/files/theirs", headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["message"] == "no theirs"
+    # The console's own pages still answer a browser in HTML.
+    r = client.get("/no-such-page", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")

@@ -164,23 +164,37 @@ class _StateCollector:
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
+def _documented_methods(app: FastAPI, path: str) -> list[str] | None:
+    """The methods the OpenAPI document gives the most specific template
+    matching ``path`` (``/filesystem-images/capture`` rather than
+    ``/filesystem-images/{name}``), or None when no template matches: the path
+    is not one of the API's, the agents' or a plugin's (but the console's)."""
+    templates = getattr(app.state, "documented_paths", None)
+    if templates is None:
+        templates = []
+        for template, operations in app.openapi()["paths"].items():
+            pattern = re.compile("^" + re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template)) + "$")
+            literal = len([part for part in template.split("/") if part and not part.startswith("{")])
+            methods = sorted(m.upper() for m in operations if m.upper() in _METHODS)
+            templates.append((pattern, literal, methods))
+        app.state.documented_paths = templates
+    best: tuple[int, list[str]] | None = None
+    for pattern, literal, methods in templates:
+        if pattern.match(path) and (best is None or literal > best[0]):
+            best = (literal, methods)
+    return None if best is None else best[1]
+
+
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
     """The methods of this path (a 405 names them in ``Allow``, RFC 9110).
 
-    For a path of the API, those the OpenAPI document gives its most specific
-    template (``/filesystem-images/capture`` rather than ``/filesystem-images/{name}``);
-    routes of one path are separate, and Starlette would name only the first
-    one's. Elsewhere, the methods some route at this path answers."""
-    path = scope["path"]
-    best: tuple[int, list[str]] | None = None
-    for template, operations in app.openapi()["paths"].items():
-        pattern = "^" + re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template)) + "$"
-        if re.match(pattern, path):
-            literal = len([part for part in template.split("/") if part and not part.startswith("{")])
-            if best is None or literal > best[0]:
-                best = (literal, sorted(m.upper() for m in operations if m.upper() in _METHODS))
-    if best is not None:
-        return best[1]
+    For a path the OpenAPI document describes (the API's, the agents', a
+    plugin's), those it gives the path; routes of one path are separate, and
+    Starlette would name only the first one's. Elsewhere, the methods some
+    route at this path answers."""
+    documented = _documented_methods(app, scope["path"])
+    if documented is not None:
+        return documented
     allowed: set[str] = set()
     for method in _METHODS:
         for route in app.router.routes:
@@ -213,13 +227,18 @@ def create_app(
     app.state.enrollment = EnrollmentCache()
     app.state.metrics = Metrics(settings)
 
+    def wants_html(request: Request) -> bool:
+        """An error for a person in the console; never on a path the OpenAPI
+        document describes (a plugin's routes included, wherever it mounts them)."""
+        return console.wants_html(request) and _documented_methods(app, request.scope["path"]) is None
+
     @app.exception_handler(console.NotLoggedIn)
     async def not_logged_in(request: Request, _exc: console.NotLoggedIn) -> Response:
         return console.not_logged_in(request)
 
     @app.exception_handler(QrmError)
     async def qrm_error(request: Request, exc: QrmError) -> Response:
-        if console.wants_html(request):
+        if wants_html(request):
             return console.error_page(request, exc.http_status, exc.message)
         headers = {"WWW-Authenticate": 'Basic realm="qrm"'} if exc.http_status == 401 else None
         if exc.http_status == 429 and "retry_after" in exc.details:
@@ -237,7 +256,7 @@ def create_app(
         message = (
             f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
         )
-        if console.wants_html(request):
+        if wants_html(request):
             return console.error_page(request, 422, message)
         return JSONResponse(error_body("invalid_input", message), status_code=422)
 
@@ -247,7 +266,7 @@ def create_app(
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
-        if console.wants_html(request):
+        if wants_html(request):
             shown = "there is no such page" if exc.status_code == 404 else str(exc.detail)
             return console.error_page(request, exc.status_code, shown)
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
@@ -255,7 +274,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error")
-        if console.wants_html(request):
+        if wants_html(request):
             return console.error_page(
                 request, 500, f"internal error ({type(exc).__name__}); the server's log has the details"
             )

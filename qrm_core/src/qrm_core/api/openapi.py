@@ -11,11 +11,14 @@ FastAPI describes the success of each operation; this adds what it cannot see:
   413 where a body is read, 422 for invalid input, and what a route declares
   itself with :func:`errors`;
 * rules that only the services check, where a client needs them: the storage
-  types, hypervisors and power drivers installed on this server (``enum``).
+  types, hypervisors and power drivers installed on this server (``enum``);
+* an ``operationId`` of its own for every operation, also where a route (a
+  plugin's, say) answers several methods: FastAPI gives them all the same.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from fastapi.openapi.utils import get_openapi
@@ -117,19 +120,46 @@ def _no_null_in_forms(body: dict[str, Any], schemas: dict[str, Any]) -> None:
                     prop["anyOf"] = rest
 
 
+def _unique_operation_ids(paths: dict[str, Any]) -> None:
+    """One route with several methods (``api_route(methods=["GET", "HEAD"])``) gets
+    one operationId from FastAPI for all of them; the document needs one each."""
+    seen: set[str] = set()
+    for operations in paths.values():
+        for method, operation in operations.items():
+            given = operation.get("operationId")
+            if not isinstance(given, str):
+                continue
+            name, count = given, 1
+            if name in seen:
+                stem, _, last = given.rpartition("_")
+                name = f"{stem}_{method}" if stem and last in _HTTP_METHODS else f"{given}_{method}"
+                while name in seen:
+                    count += 1
+                    name = f"{given}_{method}_{count}"
+            operation["operationId"] = name
+            seen.add(name)
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
 def build(app: FastAPI, plugins: PluginSystem | None = None) -> dict[str, Any]:
-    document = get_openapi(
-        title=app.title,
-        version=app.version,
-        description=app.description,
-        routes=app.routes,
-    )
+    with warnings.catch_warnings():
+        # FastAPI warns of the shared operationId; _unique_operation_ids gives each its own.
+        warnings.filterwarnings("ignore", message="Duplicate Operation ID", category=UserWarning)
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, schema in schemas["ErrorResponse"].pop("$defs", {}).items():
         schemas[name] = schema
     error_ref = "#/components/schemas/ErrorResponse"
+    _unique_operation_ids(document["paths"])
     components["securitySchemes"] = {**components.get("securitySchemes", {}), **SECURITY_SCHEMES}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
