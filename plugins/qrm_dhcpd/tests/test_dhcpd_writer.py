@@ -148,3 +148,28 @@ def test_a_failing_round_does_not_stop_the_writer(ctx: HookContext, running) -> 
     writer_mod.submit(ctx, "reserve", R("52:54:00:00:00:02"))
     assert w.flush(30)
     assert seen == ["52:54:00:00:00:01", "52:54:00:00:00:02"]
+
+
+def test_a_round_goes_to_apply_many_first_and_apply_gets_what_it_leaves(ctx: HookContext, running) -> None:  # type: ignore[no-untyped-def]
+    rec = Recorder()
+    rounds: list[list[str]] = []
+
+    def apply_many(changes):  # type: ignore[no-untyped-def]
+        rounds.append([r.mac for _, _, r in changes])
+        return [c for c in changes if c[1] == "remove"]  # writes the rest itself
+
+    w = ReservationWriter(rec, apply_many)
+    w.start()
+    try:
+        rec.gate.clear()
+        writer_mod.submit(ctx, "reserve", R("52:54:00:00:00:01"))  # a round of one: apply alone
+        assert rec.entered.wait(10)
+        for i in range(2, 7):
+            writer_mod.submit(ctx, "reserve", R(f"52:54:00:00:00:{i:02x}"))
+        writer_mod.submit(ctx, "remove", R("52:54:00:00:00:99"))
+        rec.gate.set()
+        assert w.flush(30)
+    finally:
+        w.stop()
+    assert rounds == [[f"52:54:00:00:00:{i:02x}" for i in range(2, 7)] + ["52:54:00:00:00:99"]]
+    assert rec.calls == [("reserve", "52:54:00:00:00:01", None), ("remove", "52:54:00:00:00:99", None)]

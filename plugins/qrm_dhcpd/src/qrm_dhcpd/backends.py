@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrm_core.plugin_api import InvalidInput, PluginError, Settings
+from qrm_core.plugin_api import InvalidInput, PluginError, QrmError, Settings
 from qrm_dhcpd import kea
 from qrm_dhcpd.coalesce import RewriteCoordinator, coordinator_for
 from qrm_dhcpd.hosts import Host, HostSet, Problem, build_host_set, host_from
@@ -120,6 +120,14 @@ class Backend(ABC):
                 f"cannot reserve {mac!r}: {problems[0].message if problems else 'invalid MAC'}"
             )
         return found, problems
+
+    def upsert_many(
+        self, changes: list[tuple[str, str | None, str | None, int | None]]
+    ) -> list[ChangeReport | QrmError] | None:
+        """Several reservations (mac, ip, hostname, resource id) written together, where
+        the backend can (Kea's hosts database on PostgreSQL): a report or the error of
+        each, in order. None where it cannot: the caller makes them one by one."""
+        return None
 
     # -- what each backend provides -------------------------------------
 
@@ -298,6 +306,35 @@ class KeaBackend(Backend):
             return self._live_rewrite(host.mac, "reserved", t0)
         problems += db.upsert(host)
         return ChangeReport(host.mac, "reserved", "hosts database", problems, time.perf_counter() - t0)
+
+    def upsert_many(
+        self, changes: list[tuple[str, str | None, str | None, int | None]]
+    ) -> list[ChangeReport | QrmError] | None:
+        db = self.hosts_db
+        if db is None or not db.batches:
+            return None
+        t0 = time.perf_counter()
+        results: list[ChangeReport | QrmError] = []
+        hosts: list[Host] = []
+        for mac, ip, hostname, resource_id in changes:
+            try:
+                host, problems = self.host(mac=mac, ip=ip, hostname=hostname, resource_id=resource_id)
+            except QrmError as exc:
+                results.append(exc)
+                continue
+            hosts.append(host)
+            results.append(ChangeReport(host.mac, "reserved", "hosts database", problems))
+        written = iter(db.upsert_many(hosts))
+        seconds = time.perf_counter() - t0
+        for n, result in enumerate(results):
+            if isinstance(result, ChangeReport):
+                outcome = next(written)
+                if isinstance(outcome, QrmError):
+                    results[n] = outcome
+                else:
+                    result.problems += outcome
+                    result.seconds = seconds
+        return results
 
     def remove(self, mac: str) -> ChangeReport:
         t0 = time.perf_counter()

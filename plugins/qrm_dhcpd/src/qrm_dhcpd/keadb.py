@@ -212,25 +212,36 @@ class KeaHostsDb:
         "DELETE FROM hosts WHERE dhcp_identifier = :ident AND dhcp_identifier_type = :t AND dhcp4_subnet_id = :sid"
     )
 
+    @property
+    def batches(self) -> bool:
+        """Whether :meth:`upsert_many` writes several reservations per statement (PostgreSQL)."""
+        return self.engine.dialect.name == "postgresql"
+
+    def upsert_many(self, hosts: list[Host]) -> list[list[Problem] | PluginError]:
+        """PostgreSQL: put these reservations in place together (shared statements, the
+        rules of :meth:`upsert`); for each, its problems or the error that stopped it."""
+        outcomes = _batcher(self).submit_many([self._row(host) for host in hosts])
+        return [self._outcome(host, outcome) for host, outcome in zip(hosts, outcomes, strict=True)]
+
+    def _outcome(self, host: Host, outcome: Any) -> list[Problem] | PluginError:
+        if isinstance(outcome, DBAPIError):
+            return self._fail(f"reserve {host.mac}", outcome)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is None:
+            return []
+        owner = ":".join(f"{b:02x}" for b in bytes(outcome))
+        return [Problem(host.mac, f"address {host.ip} is already reserved for {owner}; reserved without one")]
+
     def upsert(self, host: Host) -> list[Problem]:
         """Put one reservation in place of any older one for the MAC (one transaction)."""
         problems: list[Problem] = []
         row = self._row(host)
-        if self.engine.dialect.name == "postgresql":
-            outcome = _batcher(self).submit(row)
-            if isinstance(outcome, DBAPIError):
-                raise self._fail(f"reserve {host.mac}", outcome) from None
-            if isinstance(outcome, BaseException):
-                raise outcome
-            if outcome is not None:
-                other = outcome
-                owner = ":".join(f"{b:02x}" for b in bytes(other))
-                problems.append(
-                    Problem(
-                        host.mac, f"address {host.ip} is already reserved for {owner}; reserved without one"
-                    )
-                )
-            return problems
+        if self.batches:
+            outcome = self._outcome(host, _batcher(self).submit(row))
+            if isinstance(outcome, PluginError):
+                raise outcome from None
+            return outcome
         for attempt in range(DEADLOCK_RETRIES):
             try:
                 return problems + self._upsert_once(row, host)
@@ -389,10 +400,16 @@ class _Batcher:
 
     def submit(self, row: dict[str, Any]) -> Any:
         """The owner's identifier when the address is taken, None, or the DBAPIError."""
-        entry = _Pending(row)
+        return self.submit_many([row])[0]
+
+    def submit_many(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """:meth:`submit` for several changes at once (the server's reservation writer):
+        the outcome of each, in order. They share statements with each other and with
+        whatever else is queued, within the same rules."""
+        entries = [_Pending(row) for row in rows]
         with self.cond:
-            self.queue.append(entry)
-            while not entry.done:
+            self.queue.extend(entries)
+            while not all(entry.done for entry in entries):
                 if self.running:
                     self.cond.wait()
                     continue
@@ -410,7 +427,7 @@ class _Batcher:
                     item.outcome = outcomes.get(id(item))
                     item.done = True
                 self.cond.notify_all()
-        return entry.outcome
+        return [entry.outcome for entry in entries]
 
     def _take(self) -> list[_Pending]:
         """The queued changes with distinct MACs and addresses, oldest first."""

@@ -86,6 +86,55 @@ def _apply(ctx: HookContext, action: str, resource: ResourcePublic) -> None:
     ctx.log.info("dhcpd: %s %s via %s in %.3f s", report.action, report.mac, report.how, report.seconds)
 
 
+def _apply_many(
+    batch: list[tuple[HookContext, str, ResourcePublic]],
+) -> list[tuple[HookContext, str, ResourcePublic]]:
+    """The writer's round, where the backend writes reservations together (Kea's hosts
+    database on PostgreSQL): one call for all of them, one log line for the round, one
+    error event per distinct failure. Returns the changes it left to :func:`_apply`."""
+    ctx = batch[0][0]
+    settings = _settings(ctx)
+    if settings is None:
+        return []
+    upserts = [(c, a, r) for c, a, r in batch if a != "remove"]
+    if len(upserts) < 2:
+        return batch
+    try:
+        from qrm_dhcpd.backends import get_backend
+
+        reports = get_backend(settings, ctx.settings).upsert_many(
+            [(r.mac, r.ip, r.hostname, r.id) for _, _, r in upserts]
+        )
+    except Exception as exc:  # noqa: BLE001 - as _apply: recorded, never raised
+        text = exc.message if isinstance(exc, QrmError) else f"{type(exc).__name__}: {exc}"
+        _record_failure(ctx, f"DHCP {settings.backend}: could not reserve {_labels(upserts)}: {text}")
+        return [c for c in batch if c[1] == "remove"]
+    if reports is None:
+        return batch
+    failed: dict[str, list[tuple[HookContext, str, ResourcePublic]]] = {}
+    seconds = 0.0
+    for change, report in zip(upserts, reports, strict=True):
+        if isinstance(report, QrmError):
+            failed.setdefault(report.message, []).append(change)
+            continue
+        seconds = max(seconds, report.seconds)
+        for problem in report.problems:
+            ctx.log.warning("dhcpd: %s", problem)
+    for message, changes in failed.items():
+        _record_failure(ctx, f"DHCP {settings.backend}: could not reserve {_labels(changes)}: {message}")
+    done = len(upserts) - sum(len(c) for c in failed.values())
+    ctx.log.info("dhcpd: reserved %d together via hosts database in %.3f s", done, seconds)
+    return [c for c in batch if c[1] == "remove"]
+
+
+def _labels(changes: list[tuple[HookContext, str, ResourcePublic]]) -> str:
+    names = [r.hostname or r.mac for _, _, r in changes]
+    if len(names) == 1:
+        return f"the reservation of {names[0]}"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"the reservations of {shown}"
+
+
 @hookimpl
 def qrm_resource_added(resource: ResourcePublic, ctx: HookContext) -> None:
     """Reserve the new resource's MAC (with its address and hostname, if known)."""
@@ -116,7 +165,7 @@ def qrm_collect_services(ctx: HookContext) -> list[BackgroundService]:
         return []
     from qrm_dhcpd.writer import ReservationWriter
 
-    services: list[Any] = [ReservationWriter(_apply)]
+    services: list[Any] = [ReservationWriter(_apply, _apply_many)]
     if settings.manage:
         from qrm_dhcpd.service import ManagedDhcpServer
 

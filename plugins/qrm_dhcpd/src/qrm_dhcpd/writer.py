@@ -14,7 +14,9 @@ not reserved), and applies them all at once, each in a thread of its own, so
 the backends' own sharing works as before: changes written together share a
 statement in the hosts database (group commit) and a Kea rewrite. The next
 round starts when this one has finished, so two changes of one MAC are never
-applied out of order.
+applied out of order. Where the backend writes reservations together (Kea's
+hosts database on PostgreSQL) a round is one call (``apply_many``) instead of
+a thread per change.
 
 Nothing a machine needs waits for this: a machine that registered got its
 address from the pool already, and its reservation (the same address, its
@@ -43,6 +45,10 @@ log = logging.getLogger("qrm.plugins.dhcpd")
 
 #: ``apply(ctx, action, resource)``: the plugin's own single change.
 Apply = Callable[["HookContext", str, "ResourcePublic"], None]
+Change = tuple["HookContext", str, "ResourcePublic"]
+#: ``apply_many(changes)``: a round's changes, written together where the backend can;
+#: returns those it left to ``apply``.
+ApplyMany = Callable[[list[Change]], list[Change]]
 
 #: At most this many changes are applied at once (threads of a round).
 MAX_PARALLEL = 32
@@ -67,8 +73,9 @@ class ReservationWriter:
 
     name = "dhcpd-reservations"
 
-    def __init__(self, apply: Apply) -> None:
+    def __init__(self, apply: Apply, apply_many: ApplyMany | None = None) -> None:
         self._apply = apply
+        self._apply_many = apply_many
         self._cond = threading.Condition()
         self._queue: dict[str, tuple[HookContext, str, ResourcePublic]] = {}
         self._busy = False
@@ -159,7 +166,9 @@ class ReservationWriter:
                     self.applied += len(batch)
                     self._cond.notify_all()
 
-    def _round(self, batch: list[tuple[HookContext, str, ResourcePublic]]) -> None:
+    def _round(self, batch: list[Change]) -> None:
+        if self._apply_many is not None and len(batch) > 1:
+            batch = self._apply_many(batch)
         if len(batch) == 1 or self._pool is None:
             for ctx, action, resource in batch:
                 self._apply(ctx, action, resource)
