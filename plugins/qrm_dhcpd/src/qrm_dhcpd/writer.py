@@ -8,7 +8,8 @@ registrations, a second or more per Kea rewrite at 10,000 resources.
 
 While this writer runs (a background service of every ``qrm server`` where
 DHCP is configured), the resource hooks only queue the change and return.
-The writer takes everything queued, keeps the last change of each MAC (a
+The writer waits a moment for more (``LINGER``, 20 ms: in a burst of
+registrations that makes rounds of several changes), takes everything queued, keeps the last change of each MAC (a
 change is the whole wanted state of that MAC: reserved with these values, or
 not reserved), and applies them all at once, each in a thread of its own, so
 the backends' own sharing works as before: changes written together share a
@@ -52,6 +53,12 @@ ApplyMany = Callable[[list[Change]], list[Change]]
 
 #: At most this many changes are applied at once (threads of a round).
 MAX_PARALLEL = 32
+#: How long a round waits for more changes once the first one is queued (seconds):
+#: in a burst of registrations it makes rounds of several changes (one statement in
+#: the hosts database instead of one each), and it is nothing beside a machine's reboot.
+LINGER = 0.02
+#: A round starts at once when this many changes are queued.
+FULL_ROUND = 500
 
 _current: ReservationWriter | None = None
 _current_lock = threading.Lock()
@@ -73,9 +80,10 @@ class ReservationWriter:
 
     name = "dhcpd-reservations"
 
-    def __init__(self, apply: Apply, apply_many: ApplyMany | None = None) -> None:
+    def __init__(self, apply: Apply, apply_many: ApplyMany | None = None, *, linger: float = LINGER) -> None:
         self._apply = apply
         self._apply_many = apply_many
+        self.linger = linger
         self._cond = threading.Condition()
         self._queue: dict[str, tuple[HookContext, str, ResourcePublic]] = {}
         self._busy = False
@@ -152,6 +160,12 @@ class ReservationWriter:
                     self._cond.wait()
                 if not self._queue:  # stopping, nothing left
                     return
+                deadline = time.monotonic() + self.linger
+                while not self._stopping and len(self._queue) < FULL_ROUND:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 batch = list(self._queue.values())
                 self._queue = {}
                 self._busy = True
