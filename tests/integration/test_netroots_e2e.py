@@ -13,6 +13,9 @@ storage server on another machine. One lab serves the whole module; each scenari
    the VE wrote is in the exported directory on the server.
 2. A shared pool of two machines on one NFS image: both read-only below a tmpfs overlay,
    both active, exported read-only to both, and the image unchanged.
+2b. A running machine (a namespace with sshd on the lab's bridge) captured over ssh + rsync
+   with the article's form (``-l HOST:/ -t /vhosts/NAME``; rsync runs from the storage
+   server) into an NFS image; a lab machine boots a VE from it and finds the source's file.
 3. The same on iSCSI (tgt; per-image CHAP, the initiator's ACL) with failover on: the
    machine running it is killed, the other one comes up on the same LUN and finds what the
    first wrote; the first machine's ACL and session are gone before the second logs in (a
@@ -371,6 +374,58 @@ def test_a_shared_pool_boots_one_read_only_nfs_image_below_overlays(site: Site) 
     assert sorted(str(p.relative_to(image)) for p in image.rglob("*")) == before  # pristine
     site.stop("pool")
     site.watch.until("the exports withdrawn", lambda: exported(site) == {}, 30)
+
+
+# ---------------------------------------------------------------------------
+# 2b. A running machine captured over ssh + rsync boots from its NFS image (issue 12, test 1)
+# ---------------------------------------------------------------------------
+
+SOURCE_IP = "10.77.0.36"
+
+
+def test_a_captured_machine_boots_from_its_nfs_image(site: Site) -> None:
+    """The article's capture: ``qrm filesystem-image create -s NFS -l HOST:/ -t /vhosts/NAME``
+    logs in to a running machine (its own namespace on the lab's bridge, with sshd) and, since
+    qrm manages the storage server over SSH, rsyncs from the storage server itself; a lab
+    machine then boots a VE from the captured image and finds a file of the source system."""
+    source = StorageHost(
+        "nrsrc", site.work / "source", SOURCE_IP, bridge_netns=site.state.netns, bridge=netlab.BRIDGE
+    )
+    try:
+        key, _ = source.start_sshd()
+        root = ve_root(site.work / "source-root")
+        (root / "var").mkdir(exist_ok=True)
+        (root / "var" / "boots").write_text(f"on-{SOURCE_IP}\n")  # the source system's own file
+        (root / "etc" / "ssh").mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "ssh" / "ssh_host_ed25519_key").write_text("the source's host key\n")
+        started = time.time()
+        out = site.ok(
+            "filesystem-image", "create", "-s", "NFS", "-l", f"{SOURCE_IP}:{root}/", "-t", "/vhosts/captured",
+            "--identity", str(key), "--host-key", str(source.work / "ssh" / "host.pub"), "--size", "256",
+            "-o", "json",
+        )  # fmt: skip
+        timing("capture of the lab's VE root over ssh + rsync", time.time() - started)
+        image = json.loads(out)
+        assert image["name"] == "captured" and image["origin"] == "captured" and image["state"] == "ready"
+        volume = Path(image["location"])
+        assert (volume / "var" / "boots").read_text() == f"on-{SOURCE_IP}\n"
+        assert not (volume / "etc" / "ssh" / "ssh_host_ed25519_key").exists()  # not to boot elsewhere
+    finally:
+        source.stop()
+    site.ok("ve", "create", "-n", "captured", "-b", netlab.BOOT_IMAGE, "-f", "captured")
+    started = time.time()
+    site.ok("ve", "start", "captured")
+    ve = site.wait_members("captured", 1)
+    (member,) = ve.resources
+    row = site.watch.resources()[member]
+    timing("NFS root of a captured image: VE start -> active", utc(row.state_changed_at) - started)
+    site.wait_line(member, r"qrm-netroot-ve: captured wrote ")
+    console = site.console(member)
+    assert f"qrm-netroot-ve: captured root {STORAGE_IP}:{volume} / nfs rw," in console, console[-3000:]
+    assert f"qrm-netroot-ve: captured found [on-{SOURCE_IP} ]" in console, console[-3000:]
+    assert (volume / "var" / "boots").read_text() == f"on-{SOURCE_IP}\n{row.ip}\n"
+    site.stop("captured")
+    site.watch.until("the export withdrawn", lambda: exported(site) == {}, 30)
 
 
 # ---------------------------------------------------------------------------
