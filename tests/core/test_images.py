@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from typing import Any
 
 import pytest
@@ -381,12 +382,78 @@ def test_clone_onto_another_storage_server_copies_the_files(site: tuple[Any, Any
     with ctx_for(settings, plugins) as ctx, pytest.raises(QrmError) as info:
         images.clone_filesystem_image(ctx, "web", name="web3", storage="full")
     assert str(info.value) == "the server's disk is full"
-    assert snapshot_of(settings, plugins) == before
+    after = snapshot_of(settings, plugins)
+    # Nothing kept but the two events that say what happened.
+    assert (after[0], after[1], after[3]) == (before[0], before[1], before[3]) and after[2] == before[2] + 2
+    with ctx_for(settings, plugins) as ctx:
+        said = [e.message for e in ctx.session.exec(select(Event).order_by(Event.id)).all()][-2:]
+    assert said[0].startswith("filesystem image web3: clone of web from st started (100 MB on full:")
+    assert said[1] == "filesystem image web3: clone of web failed, nothing kept: the server's disk is full"
     assert '"/volumes/web3"' not in full_state.read_text()  # the volume made for it went again
+    before = snapshot_of(settings, plugins)
     with ctx_for(settings, plugins) as ctx, pytest.raises(UnsupportedOperation) as info:
         images.clone_filesystem_image(ctx, "web", name="web3", storage="flat")
     assert str(info.value) == "nofill on flat cannot fill volumes with files"
     assert snapshot_of(settings, plugins) == before
+
+
+@pytest.mark.qrm_backends("sqlite")  # the progress is the services'; this checks clients see it meanwhile
+def test_a_clone_across_shows_its_progress_while_it_copies(
+    qrm_server: Any, qrm_cli: Any, monkeypatch: Any
+) -> None:
+    """The new image exists while the files go over (state creating, its progress on the
+    row): the API's show and list say so, and a remote ``qrm filesystem-image clone -s``
+    shows the lines as the server copies, not only at the end."""
+    import threading
+
+    import httpx
+
+    from qrm_core import remote
+
+    settings, plugins = qrm_server.settings, qrm_server.plugins
+    with ctx_for(settings, plugins) as ctx:
+        storage_service.add_storage(ctx, name="st", type="fake", address="10.0.11.35")
+        storage_service.add_storage(ctx, name="other", type="fake", address="10.0.11.36")
+        location = storage_service.add_filesystem_image(ctx, name="web", storage="st", size_mb=100).location
+    source = settings.state_dir / "fake-storage" / "st.trees" / location.strip("/")
+    source.mkdir(parents=True)
+    (source / "hello").write_text("hi\n")
+    copying, seen = threading.Event(), threading.Event()
+    real = remote.copy_tree
+
+    def slow_copy(*args: Any, report: Any = None, **kwargs: Any) -> int:
+        """The copy reports, then waits until the test has seen the image mid-copy."""
+        report(1 << 20, 1.0)
+        copying.set()
+        assert seen.wait(30), "nobody looked at the image while it was copied"
+        return real(*args, report=report, **kwargs)
+
+    monkeypatch.setattr(remote, "copy_tree", slow_copy)
+    shown: dict[str, Any] = {}
+
+    def look() -> None:
+        assert copying.wait(30)
+        with httpx.Client(base_url=qrm_server.url, auth=("qrm", "qrm"), timeout=30) as api:
+            shown["show"] = api.get("/api/v1/filesystem-images/web2").json()
+            shown["list"] = [i["name"] for i in api.get("/api/v1/filesystem-images").json()]
+        time.sleep(1.5)  # the CLI asks every 0.5 s
+        seen.set()
+
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    server = ["--server", qrm_server.url, "-u", "qrm", "-p", "qrm"]
+    done = qrm_cli(*server, "filesystem-image", "clone", "web", "-n", "web2", "-s", "other")
+    watcher.join()
+    assert done.exit_code == 0, done.stderr
+    assert (shown["show"]["state"], shown["show"]["storage"]) == ("creating", "other"), shown
+    assert shown["show"]["progress"].startswith("cloning: copying web to other: 1.0 MB"), shown
+    assert shown["list"] == ["web", "web2"]
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("copying web to other: 1.0 MB") for line in lines), lines
+    assert "cloned web into filesystem image web2 (other:/volumes/web2)" in done.stdout
+    with ctx_for(settings, plugins) as ctx:
+        made = storage_service.show_filesystem_image(ctx, "web2")
+    assert (made.state, made.progress) == ("ready", "")
 
 
 def test_a_clone_across_releases_the_tree_it_read(site: tuple[Any, Any]) -> None:

@@ -412,7 +412,7 @@ def test_a_captured_machine_boots_from_its_nfs_image(site: Site) -> None:
         assert not (volume / "etc" / "ssh" / "ssh_host_ed25519_key").exists()  # not to boot elsewhere
     finally:
         source.stop()
-    site.ok("ve", "create", "-n", "captured", "-b", netlab.BOOT_IMAGE, "-f", "captured")
+    site.ok("ve", "create", "-n", "captured", "-b", netlab.BOOT_IMAGE, "-f", "captured", "--pristine")
     started = time.time()
     site.ok("ve", "start", "captured")
     ve = site.wait_members("captured", 1)
@@ -424,6 +424,28 @@ def test_a_captured_machine_boots_from_its_nfs_image(site: Site) -> None:
     assert f"qrm-netroot-ve: captured root {STORAGE_IP}:{volume} / nfs rw," in console, console[-3000:]
     assert f"qrm-netroot-ve: captured found [on-{SOURCE_IP} ]" in console, console[-3000:]
     assert (volume / "var" / "boots").read_text() == f"on-{SOURCE_IP}\n{row.ip}\n"
+
+    # Issue 12, test 4 on a real machine: the team plays (the VE wrote /var/boots; a file
+    # made, one deleted), then `qrm ve reset` gives the image back as it was at first start.
+    (volume / "root-was-here").write_text("screwed up\n")
+    (volume / "etc" / "qrm" / "ve-start.orig").write_text("kept? no\n")
+    os.unlink(volume / "bin" / "head")
+    offset = len(site.console(member))
+    started = time.time()
+    out = site.ok("ve", "reset", "captured", "--wait", "--timeout", "150", "-o", "json")
+    timing("qrm ve reset (NFS, captured image): command -> active again", time.time() - started)
+    assert json.loads(out)["state"] == "running"
+    ve = site.wait_members("captured", 1)
+    (member,) = ve.resources
+    site.wait_line(member, r"qrm-netroot-ve: captured wrote ", after=offset if member == row.mac else 0)
+    console = site.console(member)[offset if member == row.mac else 0 :]
+    # This boot found what the source had, not what the first boot wrote.
+    assert f"qrm-netroot-ve: captured found [on-{SOURCE_IP} ]" in console, console[-3000:]
+    again = site.watch.resources()[member]
+    assert (volume / "var" / "boots").read_text() == f"on-{SOURCE_IP}\n{again.ip}\n"
+    assert not (volume / "root-was-here").exists() and not (volume / "etc" / "qrm" / "ve-start.orig").exists()
+    assert (volume / "bin" / "head").is_symlink()
+    assert any("reset: captured reverted to its first start" in e for e in site.events())
     site.stop("captured")
     site.watch.until("the export withdrawn", lambda: exported(site) == {}, 30)
 

@@ -656,17 +656,56 @@ class RemoteClient:
         comment: str | None,
         progress: Callable[[str], None] | None = None,
     ) -> FilesystemImagePublic:
-        """The server copies and answers when done (no progress over HTTP)."""
-        if progress is not None and storage is not None:
-            progress("the server copies the files; it answers when the copy is done")
-        return FilesystemImagePublic.model_validate(
-            self._request(
-                "POST",
-                f"/filesystem-images/{_q(source)}/clone",
-                json={"name": name, "storage": storage, "comment": comment},
-                timeout=6 * 3600,
+        """The server copies and answers when done; meanwhile, a clone onto another
+        storage server shows the progress the server keeps on the new image's row."""
+
+        def clone() -> FilesystemImagePublic:
+            return FilesystemImagePublic.model_validate(
+                self._request(
+                    "POST",
+                    f"/filesystem-images/{_q(source)}/clone",
+                    json={"name": name, "storage": storage, "comment": comment},
+                    timeout=6 * 3600,
+                )
             )
-        )
+
+        if progress is None or storage is None:
+            return clone()
+
+        def clone_progress() -> str | None:
+            image = self.fs_image_show(name)
+            return image.progress.removeprefix("cloning: ") if image.state == "creating" else None
+
+        return self._showing(clone, clone_progress, progress)
+
+    def _showing(
+        self,
+        call: Callable[[], T],
+        look: Callable[[], str | None],
+        progress: Callable[[str], None],
+        every: float = 0.5,
+    ) -> T:
+        """Make a long request while asking ``look`` what the server says about it (a
+        second request every ``every`` seconds) and showing each new line."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from qrm_core.errors import NotFound
+
+        shown = None
+        with ThreadPoolExecutor(1, thread_name_prefix="qrm-request") as pool:
+            future = pool.submit(call)
+            while True:
+                try:
+                    return future.result(timeout=every)
+                except TimeoutError:
+                    pass
+                try:
+                    line = look()
+                except NotFound:
+                    line = None
+                if line and line != shown:
+                    shown = line
+                    progress(line)
 
     def fs_image_snapshot(self, name: str, label: str | None) -> ImageSnapshotPublic:
         return ImageSnapshotPublic.model_validate(
@@ -706,11 +745,24 @@ class RemoteClient:
         )
 
     def ve_reset(self, name: str, progress: Callable[[str], None] | None) -> VirtualEnvironmentPublic:
-        if progress is not None:
-            progress(f"resetting {name} on the server")
-        return VirtualEnvironmentPublic.model_validate(
-            self._request("POST", f"/ves/{_q(name)}/reset", timeout=6 * 3600)
-        )
+        """The server stops, reverts and starts the VE again; meanwhile the VE's state
+        (stopping, stopped while the image is reverted, starting) is shown."""
+
+        def reset() -> VirtualEnvironmentPublic:
+            return VirtualEnvironmentPublic.model_validate(
+                self._request("POST", f"/ves/{_q(name)}/reset", timeout=6 * 3600)
+            )
+
+        if progress is None:
+            return reset()
+        progress(f"resetting {name} on the server")
+
+        def state() -> str | None:
+            ve = self.ve_show(name)
+            said = {"stopped": "stopped; reverting its filesystem image"}.get(ve.state, ve.state)
+            return f"{name}: {said}"
+
+        return self._showing(reset, state, progress)
 
     def fs_image_remove(self, name: str, purge: bool) -> FilesystemImagePublic:
         return FilesystemImagePublic.model_validate(

@@ -577,7 +577,17 @@ def _clone_across(
     from_name = source_row.name
     size = row.size_mb if row.size_mb is not None else DEFAULT_CAPTURE_MB
     ctx.rollback()
-    say = progress or (lambda _line: None)
+
+    def say(line: str) -> None:
+        """Tell the caller, and keep the line on the new image's row once it has one, so
+        that ``show``, the console and a remote client see it (copy_tree reports at most
+        once a second)."""
+        if progress is not None:
+            progress(line)
+        if made:
+            _set(ctx, name, progress=f"cloning: {line}"[:255])
+
+    made: list[str] = []
     with job_lock(ctx, src_name), job_lock(ctx, name):
         started = time.monotonic()
         src_runner, dst_runner = (
@@ -592,6 +602,14 @@ def _clone_across(
             total = int(counted) if counted.isdigit() else 0
             say(f"making a {size} MB volume on {dest_name}")
             volume = dst_driver.create_volume(dst_where, name, size)
+            # The image exists from now on, as a capture's does: state creating, its progress
+            # on the row (list, show, a remote client, the console), removed if the copy fails.
+            new = _ready_image(name, dest_id, volume, size, f"clone of {src_name}", comment)
+            new.state, new.source_at = ImageState.CREATING.value, None
+            new.progress = f"cloning: copying {src_name} from {from_name}"
+            _keep_new_image(ctx, new, f"filesystem image {name}: clone of {src_name} from {from_name} started "
+                            f"({size} MB on {dest_name}:{volume.location})", dst_driver, dst_where)  # fmt: skip
+            made.append(name)
             try:
                 tree = dst_driver.open_tree(dst_where, volume.location)
 
@@ -610,9 +628,10 @@ def _clone_across(
                 say(f"copied {capture.human_bytes(copied)} in {time.monotonic() - started:.0f} s")
                 say("making the image from the copied files")
                 how = dst_driver.close_tree(dst_where, volume.location, tree)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(QrmError):
                     dst_driver.remove_volume(dst_where, volume.location)
+                _forget_clone(ctx, name, src_name, exc)
                 raise
         finally:
             # Done with the source's files, whatever happened; a failing copy's own error
@@ -621,16 +640,28 @@ def _clone_across(
         if unreleased:  # the clone is made: say so in its events
             ctx.record("filesystem-image", src_name, unreleased, EventLevel.WARNING)
         took = time.monotonic() - started
-        new = _ready_image(name, dest_id, volume, size, f"clone of {src_name}", comment)
-        _keep_new_image(
-            ctx,
-            new,
-            f"filesystem image {name} cloned from {src_name} on {from_name} in {took:.0f} s "
-            f"(files copied through this machine, {capture.human_bytes(copied)}; {how}; {dest_name}:{volume.location})",
-            dst_driver,
-            dst_where,
-        )
+        new = get_fs_image_row(ctx, name)
+        new.state, new.progress, new.source_at = ImageState.READY.value, "", utcnow()
+        ctx.session.add(new)
+        ctx.record("filesystem-image", name,
+                   f"filesystem image {name} cloned from {src_name} on {from_name} in {took:.0f} s "
+                   f"(files copied through this machine, {capture.human_bytes(copied)}; {how}; {dest_name}:{volume.location})")  # fmt: skip
+        ctx.commit()
     return _announce(ctx, new)
+
+
+def _forget_clone(ctx: ServiceContext, name: str, src_name: str, exc: BaseException) -> None:
+    """The row of a clone whose copy failed goes (its volume is gone already), with an event."""
+    ctx.rollback()
+    row = ctx.session.exec(select(FilesystemImage).where(FilesystemImage.name == name)).first()
+    if row is None:
+        return
+    reason = exc.message if isinstance(exc, QrmError) else type(exc).__name__
+    ctx.session.delete(row)
+    ctx.record("filesystem-image", name,
+               f"filesystem image {name}: clone of {src_name} failed, nothing kept: {reason}"[:1000],
+               EventLevel.ERROR)  # fmt: skip
+    ctx.commit()
 
 
 def _release_tree(driver: StorageDriver, where: StorageTarget, location: str, tree: str) -> str | None:
