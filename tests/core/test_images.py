@@ -157,6 +157,35 @@ def test_reset_gives_a_pristine_ve_its_first_start_back(site: tuple[Any, Any]) -
     assert sum("reverted to its first start" in m for m in messages) == 2
 
 
+@pytest.mark.qrm_backends("sqlite")  # the reset is the services'; this checks a remote CLI shows it meanwhile
+def test_a_remote_reset_shows_the_ve_while_the_server_works(
+    qrm_server: Any, qrm_cli: Any, monkeypatch: Any
+) -> None:
+    from qrm_core.drivers.fake import FakeStorage
+
+    settings, plugins = qrm_server.settings, qrm_server.plugins
+    with ctx_for(settings, plugins) as ctx:
+        storage_service.add_storage(ctx, name="st", type="fake", address="10.0.11.35")
+        storage_service.add_filesystem_image(ctx, name="web", storage="st", size_mb=100)
+        boot_images.add_boot_image(ctx, name="idle", kernel_version="6.1.0")
+        ves.create_ve(ctx, name="team", boot_image="idle", fs_image="web", pristine=True)
+        ves.start_ve(ctx, "team")
+    real = FakeStorage.revert_volume
+
+    def slow_revert(self: Any, *args: Any, **kwargs: Any) -> str:
+        time.sleep(1.5)  # the CLI asks every 0.5 s
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeStorage, "revert_volume", slow_revert)
+    server = ["--server", qrm_server.url, "-u", "qrm", "-p", "qrm"]
+    done = qrm_cli(*server, "ve", "reset", "team")
+    assert done.exit_code == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "resetting team on the server"
+    assert "team: stopped; reverting its filesystem image" in lines, lines
+    assert "virtual environment team reset (starting)" in done.stdout
+
+
 def test_pristine_needs_storage_with_snapshots(site: tuple[Any, Any]) -> None:
     from qrm_core.drivers.fake import FakeStorage
 
