@@ -5,6 +5,7 @@ some operations. Every rule refuses in one line and changes nothing."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,7 +175,9 @@ def test_partitions_as_an_operator_uses_them(site: Site, qrm_cli) -> None:
     said = [e["message"] for e in events if e["object_type"] == "partition" and e["actor"] == "tester"]
     for what in ("added on hv1", "hv1 paused", "hv1 resumed", "resized", "pinned", "rebooted", "stopped"):
         assert any(what in line for line in said), (what, said)
-    assert any("migrated (live) from hv1 to hv2" in line for line in said)
+    assert any(
+        re.search(r"migrated \(live\) from hv1 to hv2; the move took \d+\.\d s$", line) for line in said
+    )
     assert any("migrated (offline) from hv2 to hv1 and started again" in line for line in said)
     assert any("destroyed on hv1" in line for line in said)
 

@@ -357,6 +357,11 @@ def test_3_live_migration_keeps_the_ve_running(site: Site, names: dict[str, str]
         stop.set()
         watcher.join()
     timing("live migration hv1 -> hv2", took)
+    said = [e["message"] for e in site.qrm("events", "-l", "50")]
+    move = next(
+        m for m in said if m.startswith(f"partition {name} migrated (live) from hv1 to hv2; the move took ")
+    )
+    timing("  of which libvirt's migration (the driver's call)", float(move.rsplit(" ", 2)[-2]))
     assert moved["host"] == "hv2" and moved["state"] == "running"
     assert set(seen) == {"active"}, seen
     assert site.virsh("hv2", "domstate", name).strip() == "running"
@@ -548,3 +553,20 @@ def test_6_the_console_shows_and_drives_the_real_partitions(site: Site, names: d
     assert not pages.external, f"the console asked for something beyond its server: {pages.external}"
     site.until("vp's member active again", lambda: site.resources()[vp_mac]["state"] == "active", 30)
     assert site.ve("vp")["state"] == "running"
+
+
+def test_7_one_partition_boots_to_idle_alone(site: Site) -> None:
+    """The benchmark's case (issue 9: partition add -> idle resource): one partition, nothing
+    else booting beside it (scenario 1 adds two at once while the lab's machine boots its VE).
+    It is removed again: its domain undefined, its resource gone."""
+    started = time.time()
+    (made,) = site.qrm("partition", "add", "--host", "hv1", "--cpus", "1", "--memory", str(MEMORY_MB))
+    mac = made["mac"]
+    row = site.until(
+        "the partition idle", lambda: (r := site.resources().get(mac)) and r["state"] == "idle" and r, BOOT
+    )
+    timing("one partition add -> idle (nothing else booting)", utc(row["state_changed_at"]) - started)
+    assert (row["kind"], row["host"]) == ("virtual", "hv1")
+    site.qrm("partition", "remove", made["name"])
+    assert made["name"] not in site.virsh("hv1", "list", "--all", "--name").split()
+    assert mac not in site.resources()

@@ -24,6 +24,7 @@ change made behind qrm's back) and :func:`sync_host` (a sweep of one host).
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -851,12 +852,14 @@ def migrate_partition(
     if "migrate_partition" not in driver.supported_operations(destination):
         raise driver.unsupported("migrate_partition", destination.label)
     driver.validate_host(destination)
+    moving = time.monotonic()
     _call(
         ctx,
         read,
         f"{'live' if live else 'offline'} migration to {dest_label} of",
         lambda: driver.migrate_partition(read.host, read.name, destination, live=live),
     )
+    took = time.monotonic() - moving
     restarted = ""
     state = read.state
     if not live and read.state != P.STOPPED.value:
@@ -886,7 +889,8 @@ def migrate_partition(
     return _record(
         ctx,
         read,
-        f"partition {read.name} migrated ({how}) from {read.host.label} to {dest_label}{restarted}",
+        f"partition {read.name} migrated ({how}) from {read.host.label} to {dest_label}{restarted}; "
+        f"the move took {took:.1f} s",
         state=state,
         change=moved_to,
         why=f"its partition moved to {dest_label}",
