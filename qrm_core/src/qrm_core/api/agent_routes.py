@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
@@ -91,6 +92,56 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
+#: Seconds between the heartbeats of a machine that has just registered idle while VEs
+#: wait for resources (the agent's shortest interval), for :data:`SOON_FOR` seconds.
+SOON_INTERVAL = 1.0
+SOON_FOR = 10.0
+
+
+def _placing(request: Request) -> Any:
+    """The engine of this server when its last pass left VEs waiting for resources."""
+    runner = getattr(request.app.state, "engine", None)
+    return runner if runner is not None and getattr(runner, "waiting_for_resources", False) else None
+
+
+def _soon(request: Request) -> dict[int, float]:
+    """Machines registered idle while VEs waited: resource id -> when (monotonic)."""
+    state = request.app.state
+    if not hasattr(state, "heartbeat_soon"):
+        state.heartbeat_soon = {}
+    soon: dict[int, float] = state.heartbeat_soon
+    return soon
+
+
+def _arrived_idle(request: Request, resource_id: int, interval: float) -> float:
+    """A machine registered idle: if VEs wait for resources, run the engine now (it may
+    be theirs) and have the machine heartbeat every second for a while, so that it hears
+    where to boot within a second instead of an interval. The interval to answer."""
+    runner = _placing(request)
+    if runner is None:
+        return interval
+    runner.wake()
+    soon = _soon(request)
+    now = time.monotonic()
+    if len(soon) > 1000:  # a burst of arrivals: forget the old ones
+        for rid in [r for r, at in soon.items() if now - at > SOON_FOR]:
+            del soon[rid]
+    soon[resource_id] = now
+    return min(interval, SOON_INTERVAL)
+
+
+def _idle_interval(request: Request, resource_id: int, interval: float) -> float:
+    """The interval for an idle machine's heartbeat: a second while it arrived lately
+    and VEs still wait for resources, else the site's."""
+    soon = getattr(request.app.state, "heartbeat_soon", None)
+    if not soon or resource_id not in soon:
+        return interval
+    if time.monotonic() - soon[resource_id] > SOON_FOR or _placing(request) is None:
+        del soon[resource_id]
+        return interval
+    return min(interval, SOON_INTERVAL)
+
+
 def _agent_ctx(request: Request) -> AbstractContextManager[ServiceContext]:
     state = request.app.state
     return service_context(state.settings, actor="anonymous", plugins=state.plugins, check_schema=False)
@@ -125,7 +176,10 @@ def register(request: Request, body: RegisterRequest) -> Response:
         _count(request, "register", "error")
         raise
     _count(request, "register", "ok")
-    return _json(RegisterResponse(**result.__dict__))
+    answer = RegisterResponse(**result.__dict__)
+    if body.mode == "idle" and result.state == "idle":
+        answer.heartbeat_interval = _arrived_idle(request, result.resource_id, answer.heartbeat_interval)
+    return _json(answer)
 
 
 @router.post(
@@ -151,7 +205,10 @@ def heartbeat(request: Request, body: HeartbeatRequest) -> Response:
         _count(request, "heartbeat", "error")
         raise
     _count(request, "heartbeat", "ok")
-    return _json(HeartbeatResponse(**answer.__dict__))
+    said = HeartbeatResponse(**answer.__dict__)
+    if body.state == "idle" and said.command == "none":
+        said.heartbeat_interval = _idle_interval(request, body.resource_id, said.heartbeat_interval)
+    return _json(said)
 
 
 class RootSecretsRequest(BaseModel):

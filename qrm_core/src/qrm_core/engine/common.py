@@ -23,6 +23,10 @@ class TickReport:
     assigned: int = 0
     partitions_created: int = 0
     ve_changes: int = 0
+    #: VEs asked to run that this pass could not give every resource they need:
+    #: a machine that registers idle now may be theirs (the server then wakes the
+    #: engine at once and asks that machine to heartbeat soon).
+    waiting: int = 0
     durations: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -90,6 +90,8 @@ class Placement:
                 spread = per_host[ve.id] if ve.deployment == Deployment.SHARED.value else None
                 chosen = pool.take(req, need, spread)
                 assignments.extend((ve, c) for c in chosen)
+                if len(chosen) < need:
+                    report.waiting += 1
                 if len(chosen) < need and ve.deployment != Deployment.PARTITIONED.value:
                     problems[ve.id] = pool.explain(req, need - len(chosen))
             report.assigned += self._assign(ctx, assignments, now)

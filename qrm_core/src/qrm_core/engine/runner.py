@@ -49,6 +49,8 @@ class EngineRunner:
         self._thread: threading.Thread | None = None
         self.is_leader = False
         self.ticks = 0
+        #: The last pass left VEs waiting for resources (read by the agent endpoints).
+        self.waiting_for_resources = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="qrm-engine", daemon=True)
@@ -81,6 +83,8 @@ class EngineRunner:
             busy = False
             try:
                 leader = self.lock.try_acquire()
+                if not leader:
+                    self.waiting_for_resources = False  # the leader's engine places
                 if leader != self.is_leader:
                     log.info("engine: %s", "leader, reconciling" if leader else "follower, waiting")
                     if leader:
@@ -91,6 +95,7 @@ class EngineRunner:
                     report = self.reconciler.tick()
                     self.ticks += 1
                     busy = report.busy
+                    self.waiting_for_resources = report.waiting > 0
                     if self.on_tick is not None:
                         self.on_tick(report)
             except QrmError as exc:
