@@ -48,7 +48,7 @@ from qrm_core.plugin_api import (
     storage_runner,
 )
 from qrm_core.plugin_api import shell_quote as q
-from qrm_nfs import ganesha
+from qrm_nfs import ganesha, kernel
 from qrm_nfs.remote_server import RemoteNfs, remote_config
 from qrm_nfs.settings import NfsSettings, load_settings
 
@@ -114,10 +114,10 @@ def check_client_ip(client: ExportClient, location: str) -> str:
 
 
 class NfsStorage(StorageDriver):
-    """NFS storage served by nfs-ganesha on this host (one directory per volume)."""
+    """NFS storage served by nfs-ganesha or the kernel's nfsd (``server=kernel``), one directory per volume."""
 
     name = "nfs"
-    description = "NFS exports served by nfs-ganesha on this host (one directory per volume)"
+    description = "NFS exports served by nfs-ganesha or the kernel's nfsd (one directory per volume)"
 
     def __init__(self, settings: Any, nfs: NfsSettings | None = None) -> None:
         """``nfs`` overrides the plugin settings read from the environment (tests, the service)."""
@@ -182,8 +182,20 @@ class NfsStorage(StorageDriver):
 
     def validate_server(self, storage: StorageTarget) -> None:
         check_ipv4_server(storage.address)
+        if kernel.server_kind(storage.settings) == "kernel":
+            kernel.exports_file(storage.settings)
         if is_remote_storage(storage.settings):
             remote_config(storage.settings)
+
+    @staticmethod
+    def _kernel(storage: StorageTarget) -> bool:
+        """Served by the kernel's nfsd (``server=kernel``) rather than nfs-ganesha."""
+        return kernel.server_kind(storage.settings) == "kernel"
+
+    def _missing_here(self, storage: StorageTarget) -> list[str]:
+        if self._kernel(storage):
+            return [] if shutil.which("exportfs") else ["exportfs (package nfs-kernel-server)"]
+        return self.detect_missing_dependencies()
 
     def check_server(self, storage: StorageTarget) -> None:
         """Over SSH: ganesha there and running, its directories there. Here: with an export
@@ -193,9 +205,19 @@ class NfsStorage(StorageDriver):
         if server is not None:
             server.check()
             return
+        if self._kernel(storage):
+            # The kernel's nfsd is served through exportfs whether or not volumes live here yet.
+            missing = self._missing_here(storage)
+            if missing:
+                raise DriverError(f"NFS storage on this machine lacks {', '.join(missing)}")
+            parent = Path(kernel.exports_file(storage.settings)).parent
+            if not parent.is_dir():
+                raise DriverError(
+                    f"NFS storage on this machine has no directory {parent} for its exports file"
+                )
         if self.nfs.export_root is None:
             return
-        missing = self.detect_missing_dependencies()
+        missing = self._missing_here(storage)
         if missing:
             raise DriverError(f"NFS storage on this machine lacks {', '.join(missing)}")
         self._export_root("use it")
@@ -210,7 +232,7 @@ class NfsStorage(StorageDriver):
                 "NFS storage is not configured on this host; set QRM_NFS_EXPORT_ROOT "
                 "(the directory holding the volumes) and QRM_NFS_GANESHA_CONFIG, or manage it over SSH"
             )
-        missing = self.detect_missing_dependencies()
+        missing = self._missing_here(storage)
         return f"NFS storage on this machine lacks {', '.join(missing)}" if missing else None
 
     def validate_location(self, storage: StorageTarget, location: str) -> None:
@@ -360,6 +382,19 @@ class NfsStorage(StorageDriver):
             ganesha.reload(pid, self.nfs.effective_log_file(core), self.nfs.reload_timeout)
         else:
             log.info("nfs-ganesha is not running; %s takes effect when it starts", config)
+
+    def _apply_kernel(self, storage: StorageTarget, root: Path, state: dict[str, Any]) -> None:
+        """The exports file from ``state`` (same record, same RW/RO rules as for ganesha),
+        proven by the strict parser, swapped in and applied by ``exportfs -ra``; ``state``
+        is saved only once exportfs accepted it (see :mod:`qrm_nfs.kernel`)."""
+        exports = self._exports(state)
+        text = kernel.render(exports)
+        kernel.verify_rendered(text, exports)
+        path = kernel.exports_file(storage.settings)
+        runner = storage_runner(self.settings, storage)
+        done = runner.script("set -u\n" + kernel.apply_script(path, text), timeout=120)
+        kernel.outcome(done.stdout, done.stderr, runner.where)
+        self._save(root, state)
 
     # -- volumes -----------------------------------------------------------
 
@@ -515,7 +550,10 @@ class NfsStorage(StorageDriver):
                             if entry is not None and ip in entry.get("clients", []):
                                 entry["clients"] = [c for c in entry["clients"] if c != ip]
                                 changed = True
-                    if changed or grant:
+                    if self._kernel(storage):
+                        if changed or grant:
+                            self._apply_kernel(storage, root, state)
+                    elif changed or grant:
                         self._apply(root, state, require_running=grant)
             except QrmError as exc:
                 for index, _, _ in wanted:

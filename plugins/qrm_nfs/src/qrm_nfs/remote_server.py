@@ -28,7 +28,12 @@ setting or location and is quoted. Nothing changes on the server unless step
   the reload);
 * ``ganesha_log_file`` - its log; when set, every reload is confirmed from it;
 * ``check_config`` - ``false`` to skip the throwaway check (default ``true``);
-* ``first_export_id``, ``reload_timeout`` - as for a local server.
+* ``first_export_id``, ``reload_timeout`` - as for a local server;
+* ``server`` - ``ganesha`` (default) or ``kernel``: the server's kernel nfsd,
+  through an exports file qrm owns (``exports_file``, default
+  ``/etc/exports.d/qrm.exports``) applied with ``exportfs -ra`` in the same
+  locked session (steps 2-4 become :func:`qrm_nfs.kernel.apply_script`; the
+  ganesha settings are not used).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from qrm_core.plugin_api import (
     VolumeInfo,
 )
 from qrm_core.plugin_api import shell_quote as q
-from qrm_nfs import ganesha
+from qrm_nfs import ganesha, kernel
 from qrm_nfs.settings import check_safe_path
 
 STATE_FILE = ".qrm-nfs.json"
@@ -67,6 +72,8 @@ KEYS = (
     "check_config",
     "first_export_id",
     "reload_timeout",
+    "server",
+    "exports_file",
 )
 _VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -80,6 +87,8 @@ class RemoteConfig:
     check_config: bool
     first_export_id: int
     reload_timeout: float
+    server: str = "ganesha"
+    exports_file: str = kernel.DEFAULT_EXPORTS_FILE
 
 
 def remote_config(settings: dict[str, str] | Any) -> RemoteConfig:
@@ -112,6 +121,8 @@ def remote_config(settings: dict[str, str] | Any) -> RemoteConfig:
         check_config=check in ("true", "yes", "1"),
         first_export_id=first,
         reload_timeout=timeout,
+        server=kernel.server_kind(settings),
+        exports_file=kernel.exports_file(settings),
     )
 
 
@@ -165,6 +176,8 @@ class RemoteNfs:
         """ganesha.nfsd is there and runs (its PID file), the export root and the EXPORT file's
         directory exist, the tools of the check are there."""
         c = self.config
+        if c.server == "kernel":
+            return self._check_kernel()
         lines = ["set -u", "for p in ganesha.nfsd unshare flock base64; do command -v $p >/dev/null || "
                  "{ echo \"qrm-missing $p\"; exit 0; }; done"]  # fmt: skip
         if c.export_root:
@@ -192,6 +205,28 @@ class RemoteNfs:
             raise DriverError(
                 f"nfs-ganesha is not running on {self.where} (no live ganesha.nfsd in {c.ganesha_pid_file})"
             )
+        if said != "qrm-ready":
+            raise DriverError(f"cannot check NFS storage server {self.where}: {done.last_error()}")
+
+    def _check_kernel(self) -> None:
+        """``server=kernel``: exportfs (and the tools of a change) there, the export root
+        and the exports file's directory there."""
+        c = self.config
+        parent = c.exports_file.rsplit("/", 1)[0] or "/"
+        lines = ["set -u", "for p in exportfs flock base64; do command -v $p >/dev/null || "
+                 "{ echo \"qrm-missing $p\"; exit 0; }; done",
+                 f"test -d {q(parent)} || {{ echo {q('qrm-no ' + parent)}; exit 0; }}"]  # fmt: skip
+        if c.export_root:
+            lines.append(f"test -d {q(c.export_root)} || {{ echo {q('qrm-no ' + c.export_root)}; exit 0; }}")
+        lines.append("echo qrm-ready")
+        done = self.runner.script("\n".join(lines) + "\n", timeout=60)
+        said = (done.stdout.strip().splitlines() or [""])[-1]
+        if said.startswith("qrm-missing "):
+            program = said.split()[1]
+            package = {"exportfs": "nfs-kernel-server", "flock": "util-linux", "base64": "coreutils"}[program]
+            raise DriverError(f"NFS storage server {self.where} lacks {program} (install {package} there)")
+        if said.startswith("qrm-no "):
+            raise DriverError(f"NFS storage server {self.where} has no directory {said[7:]}")
         if said != "qrm-ready":
             raise DriverError(f"cannot check NFS storage server {self.where}: {done.last_error()}")
 
@@ -303,8 +338,8 @@ class RemoteNfs:
 
         errors: dict[int, QrmError] = {}
         root = self._root("export a volume" if grant else "unexport a volume")
-        exports_file = self._exports_file()
         c = self.config
+        exports_file = c.exports_file if c.server == "kernel" else self._exports_file()
         record_path = f"{root}/{STATE_FILE}"
         candidate = f"{exports_file}.qrm-candidate"
         locations = sorted({location for _, location, _ in wanted})
@@ -321,7 +356,7 @@ class RemoteNfs:
             state = self._state(session.until("qrm-record"))
             probed = session.until("qrm-probed").splitlines()
             present = {line[8:] for line in probed if line.startswith("qrm-dir ")}
-            if grant and "qrm-running" not in probed:
+            if grant and c.server == "ganesha" and "qrm-running" not in probed:
                 # As for a local server: no running ganesha, no change at all.
                 session.abort()
                 raise DriverError(
@@ -353,6 +388,9 @@ class RemoteNfs:
                 session.abort()
                 return errors
             exports = NfsStorage._exports(state)
+            if c.server == "kernel":
+                self._kernel_apply(session, exports_file, record_path, state, exports)
+                return errors
             text = ganesha.render(exports)
             ganesha.verify_rendered(text, exports)
             session.send(
@@ -376,6 +414,30 @@ class RemoteNfs:
             session.close()
         self._reload_outcome(out, grant)
         return errors
+
+    def _kernel_apply(
+        self, session: Any, path: str, record_path: str, state: dict[str, Any], exports: list[ganesha.Export]
+    ) -> None:
+        """``server=kernel``, in the locked session: the exports file swapped in and applied
+        by ``exportfs -ra`` (restored if refused); the record saved only once it was accepted."""
+        text = kernel.render(exports)
+        kernel.verify_rendered(text, exports)
+        session.send(kernel.apply_script(path, text) + "echo qrm-kernel-end\n")
+        out = session.until("qrm-kernel-end")
+        try:
+            kernel.outcome(out, "", self.where)
+        except QrmError:
+            session.close()
+            raise
+        record = _b64(json.dumps(state, indent=1, sort_keys=True) + "\n")
+        session.send(
+            f"printf '%s' {q(record)} | base64 -d > {q(record_path + '.new')} && "
+            f"mv {q(record_path + '.new')} {q(record_path)} && echo qrm-saved; echo qrm-save-end\n"
+        )
+        saved = session.until("qrm-save-end")
+        session.close()
+        if "qrm-saved" not in saved.splitlines():
+            raise DriverError(f"the exports of {self.where} are applied but its export record was not saved")
 
     def _running_probe(self) -> str:
         if self.config.ganesha_pid_file is None:
