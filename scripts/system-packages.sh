@@ -11,6 +11,9 @@ test_pkgs=(
   iproute2 procps curl
   # qrm_nfs: nfs-ganesha (VFS) with rpcbind in a netns; libnfs + showmount as clients
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common
+  # qrm_nfs server=kernel: exportfs checks qrm's exports file (no nfsd needed; installs without
+  # systemd, its service is simply not started)
+  nfs-kernel-server
   # qrm_dhcpd: Kea (kea-admin creates its hosts-database schema), ISC dhcpd; busybox udhcpc is the client
   kea-dhcp4-server kea-admin isc-dhcp-server busybox-static
   # qrm_tftpd: boot loaders it serves; tftpd-hpa/tftp-hpa/curl for clients and the benchmark;

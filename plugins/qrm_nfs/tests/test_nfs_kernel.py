@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -280,3 +281,28 @@ def test_a_server_through_its_runner_keeps_its_own_record(host: Host) -> None:
         server.batch([ExportRequest(web, client("10.0.0.6"))], [(0, web, "10.0.0.6")], grant=True)
     assert host.file.read_text() == HEADER + f"{web} 10.0.0.5(rw,{OPTS},fsid=1000)\n"
     assert [v.exported_to for v in server.list_volumes()] == [("10.0.0.5",)]
+
+
+def test_storage_add_as_the_user_runs_it(
+    qrm_cli: Any, host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QRM_NFS_EXPORT_ROOT", str(host.root))
+    exports_file = f"exports_file={host.file}"
+
+    def add(name: str, *settings: str) -> Any:
+        args = ["storage", "add", "-n", name, "-t", "nfs", "-i", "10.0.11.35"]
+        return qrm_cli(*args, *[x for s in settings for x in ("-s", s)])
+
+    assert qrm_cli("init").exit_code == 0
+    bad = add("BAD", "server=nfsd")
+    assert (
+        bad.exit_code == 1 and bad.stderr.strip().count("\n") == 0 and "give ganesha or kernel" in bad.stderr
+    )
+    done = add("KNFS", "server=kernel", exports_file)
+    assert done.exit_code == 0, done.stderr
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no exportfs (it lives in /usr/sbin)
+    refused = add("NOEXPORTFS", "server=kernel", exports_file)
+    assert refused.exit_code == 1 and refused.stderr.strip() == (
+        "error: NFS storage on this machine lacks exportfs (package nfs-kernel-server)"
+    )
+    assert [s["name"] for s in qrm_cli("storage", "list", "-o", "json").json()] == ["KNFS"]
