@@ -13,7 +13,9 @@ for a bad file and writes etab for a good one). Serving a real NFS mount from
 the kernel's nfsd is NOT tested: this machine's kernel has no nfsd module, so
 everything is tested up to the exports file applied by exportfs.
 
-No QEMU, no network: fast.
+No QEMU: fast. One test manages the server over real SSH (sshd in a network
+namespace of its own, whose sessions find the same exportfs wrapper first on
+their PATH).
 """
 
 from __future__ import annotations
@@ -306,3 +308,54 @@ def test_storage_add_as_the_user_runs_it(
         "error: NFS storage on this machine lacks exportfs (package nfs-kernel-server)"
     )
     assert [s["name"] for s in qrm_cli("storage", "list", "-o", "json").json()] == ["KNFS"]
+
+
+@pytest.mark.netns
+def test_a_kernel_server_managed_over_ssh(host: Host, tmp_path: Path) -> None:
+    """The same over real SSH: sshd in a namespace of its own, whose sessions find the
+    test's exportfs wrapper first on their PATH (``SetEnv``), so the server's exportfs is
+    the real one and still never touches the host's files."""
+    from qrm_core.remote import install_key, pin_host_key
+    from qrm_core.testkit import StorageHost, missing_storage_tools
+
+    absent = missing_storage_tools("sshd", "ssh")
+    if absent:
+        missing("sshd and ssh", f"apt-get install {' '.join(absent)}")
+    address = "10.231.15.35"
+    server = StorageHost("knfs", tmp_path / "sshhost", address)
+    try:
+        path = f"{host.work / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        user_key, known = server.start_sshd(extra_config=f"SetEnv PATH={path}\n")
+        core = Settings(data_dir=tmp_path / "qrm")
+        install_key(core.data_dir, "KSSH", user_key.read_text())
+        pin_host_key(core.data_dir, "KSSH", address, 22, known)
+        settings = {**host.storage.settings, "ssh_user": "root", "export_root": str(host.root)}
+        storage = StorageTarget(name="KSSH", type="nfs", address=address, settings=settings)
+        driver = NfsStorage(core)
+        driver.validate_server(storage)
+        server.netns.inside(lambda: driver.check_server(storage))
+        web, db = host.volume("web"), host.volume("db")
+        requests = [ExportRequest(web, client("10.0.0.5")), ExportRequest(db, client("10.0.0.5"))]
+        outcomes = server.netns.inside(lambda: driver.export_volumes(storage, requests))
+        assert [o.error for o in outcomes] == [None, None] and host.calls() == 1
+        server.netns.inside(lambda: driver.export_volume(storage, web, client("10.0.0.6")))
+        assert host.file.read_text() == HEADER + (
+            f"{db} 10.0.0.5(rw,{OPTS},fsid=1001)\n"
+            f"{web} 10.0.0.5(ro,{OPTS},fsid=1000) 10.0.0.6(ro,{OPTS},fsid=1000)\n"
+        )
+        assert len(host.etab()) == 3
+        (host.work / "exports.d" / "admin.exports").write_text(f"{db} 10.0.0.7(rw,bogus)\n")
+        with pytest.raises(
+            DriverError, match=r"^exportfs on KSSH \(root@10\.231\.15\.35\) refused .*unknown keyword"
+        ):
+            server.netns.inside(lambda: driver.unexport_volume(storage, db, client("10.0.0.5")))
+        assert f"{db} 10.0.0.5(rw," in host.file.read_text()
+        (host.work / "exports.d" / "admin.exports").unlink()
+        server.netns.inside(lambda: driver.unexport_volumes(storage, requests))
+        assert host.file.read_text() == HEADER + f"{web} 10.0.0.6(rw,{OPTS},fsid=1000)\n"
+        missing_tool = {**settings, "exports_file": "/nonexistent/dir/qrm.exports"}
+        with pytest.raises(DriverError, match="has no directory /nonexistent/dir"):
+            target = StorageTarget(name="KSSH", type="nfs", address=address, settings=missing_tool)
+            server.netns.inside(lambda: driver.check_server(target))
+    finally:
+        server.stop()

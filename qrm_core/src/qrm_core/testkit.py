@@ -562,9 +562,10 @@ class StorageHost:
 
     # -- SSH: sshd with a throwaway host key and user key -----------------------
 
-    def start_sshd(self, port: int = 22) -> tuple[Path, str]:
+    def start_sshd(self, port: int = 22, *, extra_config: str = "") -> tuple[Path, str]:
         """sshd for root with a new host key and a new user key; returns the user's
-        private key file and the ``known_hosts`` line of the host key."""
+        private key file and the ``known_hosts`` line of the host key. ``extra_config``
+        (sshd_config lines) is appended, e.g. ``SetEnv PATH=...`` for the sessions."""
         keys = self.work / "ssh"
         keys.mkdir(mode=0o700, exist_ok=True)
         for name in ("host", "user"):
@@ -590,6 +591,7 @@ class StorageHost:
             f"AuthorizedKeysFile {keys / 'authorized_keys'}\n"
             "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nPermitRootLogin prohibit-password\nMaxStartups 100:30:200\nMaxSessions 100\n"
+            + extra_config
         )
         self.run("/usr/sbin/sshd", "-t", "-f", str(config))
         self.ssh_port = port
