@@ -359,3 +359,24 @@ def test_a_kernel_server_managed_over_ssh(host: Host, tmp_path: Path) -> None:
             server.netns.inside(lambda: driver.check_server(target))
     finally:
         server.stop()
+
+
+def test_a_refused_file_of_its_own_is_replaced_and_the_table_restored(host: Host) -> None:
+    """Measured: when qrm's own file has a syntax error, ``exportfs -ra`` exits 1 and leaves
+    etab EMPTY (every export withdrawn). The script puts the previous file back and applies it
+    again, so the table is what it was. (The driver never renders such a file: this feeds the
+    script a hand-made one.)"""
+    web = host.volume("web")
+    host.driver.export_volume(host.storage, web, client("10.0.0.5"))
+    before, etab = host.file.read_text(), host.etab()
+    assert len(etab) == 1
+    bad = HEADER + f"{web} 10.0.0.5(rw,bogus)\n"
+    done = LocalRunner().script(kernel.apply_script(str(host.file), bad))
+    with pytest.raises(
+        DriverError, match=r'refused the new exports .*qrm\.exports:[0-9]+: unknown keyword "bogus"$'
+    ):
+        kernel.outcome(done.stdout, done.stderr, "this machine")
+    assert host.file.read_text() == before and host.etab() == etab
+    # Without the re-apply the table would be empty: exportfs alone on the bad file.
+    host.file.write_text(bad)
+    assert LocalRunner().script("exportfs -ra").returncode == 1 and host.etab() == []
