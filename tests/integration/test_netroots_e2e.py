@@ -434,6 +434,10 @@ def test_a_captured_machine_boots_from_its_nfs_image(site: Site) -> None:
     started = time.time()
     out = site.ok("ve", "reset", "captured", "--wait", "--timeout", "150", "-o", "json")
     timing("qrm ve reset (NFS, captured image): command -> active again", time.time() - started)
+    with site.lab.client(site.state) as client:  # where the reset's time went, for docs/benchmarks.md
+        for event in sorted(client.events(60, None), key=lambda e: e.id):
+            if utc(event.time) >= started - 1:
+                print(f"reset: +{utc(event.time) - started:5.1f} s {event.message}")
     assert json.loads(out)["state"] == "running"
     ve = site.wait_members("captured", 1)
     (member,) = ve.resources
