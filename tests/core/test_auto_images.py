@@ -230,7 +230,7 @@ def test_the_api(qrm_server: Any, archive: tuple[Path, Path]) -> None:
             "/api/v1/filesystem-images",
             json={"name": "x", "storage": "st", "size_mb": 10, "fill_from": str(archive[0])},
         )
-        assert local.status_code == 422 and "another image or an http(s) URL" in local.text
+        assert local.status_code == 422 and "another image, an http(s) URL or local-disk" in local.text
         assert api.get("/api/v1/filesystem-images/x").status_code == 404
 
 

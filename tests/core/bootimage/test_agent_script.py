@@ -284,3 +284,151 @@ def test_a_running_libvirt_daemon_makes_a_host(
         for sock in made:
             sock.close()
     assert (done.returncode, done.stdout) == (0, expected)
+
+
+# ---------------------------------------------------------------------------
+# Filling the VE's image from the local disk (qrm.fill=local-disk[:/dev/DEVICE])
+# ---------------------------------------------------------------------------
+
+
+def fill_plan(agent: Path, cmdline: str) -> str:
+    done = subprocess.run(
+        [BUSYBOX, "sh", str(agent), "--root-plan"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={"QRM_AGENT_CMDLINE": cmdline, "PATH": "/usr/bin:/bin"},
+    )
+    return done.stdout.splitlines()[2]
+
+
+NFS = "root=/dev/nfs nfsroot=10.0.11.35:/exports/web rw "
+
+
+@pytest.mark.parametrize(
+    ("args", "plan"),
+    [
+        ("qrm.fill=local-disk qrm.fill_mb=512", "fill=local-disk device= mb=512 error="),
+        ("qrm.fill=local-disk:/dev/vdb1", "fill=local-disk:/dev/vdb1 device=/dev/vdb1 mb= error="),
+        (
+            "qrm.fill=local-disk:/dev/disk/by-label/root",
+            "fill=local-disk:/dev/disk/by-label/root device=/dev/disk/by-label/root mb= error=",
+        ),
+        ("qrm.fill=local-disk:/dev/../x", "fill=local-disk:/dev/../x device= mb= error=invalid qrm.fill="),
+        ("qrm.fill=local-disk:/dev/.x", "fill=local-disk:/dev/.x device= mb= error=invalid qrm.fill="),
+        ("qrm.fill=local-disk:/etc/x", "fill=local-disk:/etc/x device= mb= error=invalid qrm.fill="),
+        (
+            "qrm.fill=local-disk:/dev/x;reboot",
+            "fill=local-disk:/dev/x;reboot device= mb= error=invalid qrm.fill=",
+        ),
+        ("qrm.fill=disk", "fill=disk device= mb= error=unknown qrm.fill=disk"),
+        ("qrm.fill=local-disk qrm.fill_mb=1e9", "fill=local-disk device= mb= error=invalid qrm.fill_mb=1e9"),
+    ],
+)
+def test_fill_arguments(agent: Path, args: str, plan: str) -> None:
+    said = fill_plan(agent, NFS + args)
+    assert said.startswith(plan), said
+    assert not set(said.partition(" error=")[2]) & set("`$\"'\\<>|&")
+
+
+SCRIPT_STUBS = """
+log() { :; }
+heartbeat() { printf '{"state": "%s"%s}\\n' "$STATE" "$FILL_FIELDS" >>"$RUN/beats"; }
+"""
+FILL_FUNCTIONS = ["is_uint", "is_device", "first_error", "fill_heartbeat", "fill_copy", "local_devices"]
+
+
+def run_fill(agent: Path, tmp_path: Path, body: str, **env: str) -> subprocess.CompletedProcess[str]:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    setup = f"RUN={run}\nINTERVAL=1\nSTATE=filling\nFILL_DEVICE=/dev/vdb1\nSYS_BLOCK=${{QRM_AGENT_SYS_BLOCK:-/sys/class/block}}\n"
+    return subprocess.run(
+        [BUSYBOX, "sh", "-c", SCRIPT_STUBS + functions(agent, FILL_FUNCTIONS) + setup + body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=tmp_path,
+    )
+
+
+def test_fill_copy_keeps_the_tree_and_reports_progress(agent: Path, tmp_path: Path) -> None:
+    """fill_copy: the target emptied first (a retry starts again), everything copied with
+    links, modes and special files, progress heartbeats in bytes of the total."""
+    import json
+    import os
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "etc").mkdir(parents=True)
+    (src / "bin").mkdir()
+    (src / "etc" / "marker").write_text("from the local disk\n")
+    (src / "etc" / "marker").chmod(0o640)
+    os.link(src / "etc" / "marker", src / "etc" / "hard")
+    (src / "bin" / "sh").symlink_to("busybox")
+    (src / "bin" / "busybox").write_bytes(os.urandom(3 << 20))
+    os.mkfifo(src / "etc" / "fifo")
+    (dst / "stale").mkdir(parents=True)
+    (dst / ".stale").write_text("from a half-made try")
+    done = run_fill(
+        agent, tmp_path, f'FILL_MB=8\nfill_copy {src} {dst}; echo "rc=$? $FILL_BYTES $FILL_TOTAL $FILL_ERROR"'
+    )
+    rc, copied, total = done.stdout.split()[:3]
+    assert rc == "rc=0" and copied == total and int(total) >= 3 << 20, done.stdout + done.stderr
+    assert sorted(p.name for p in dst.iterdir()) == ["bin", "etc"]
+    assert (dst / "etc" / "marker").read_text() == "from the local disk\n"
+    assert (dst / "etc" / "marker").stat().st_mode & 0o777 == 0o640
+    assert (dst / "etc" / "hard").stat().st_ino == (dst / "etc" / "marker").stat().st_ino
+    assert os.readlink(dst / "bin" / "sh") == "busybox"
+    assert (dst / "etc" / "fifo").is_fifo()
+    beats = [json.loads(line) for line in (tmp_path / "run" / "beats").read_text().splitlines()]
+    assert beats and all(b["state"] == "filling" and b["fill_total"] == int(total) for b in beats)
+    assert beats[0]["fill_device"] == "/dev/vdb1" and "fill_result" not in beats[0]
+
+
+def test_fill_copy_refuses_a_volume_too_small(agent: Path, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "big").write_bytes(b"x" * (3 << 20 | 1))
+    done = run_fill(agent, tmp_path, f'FILL_MB=2\nfill_copy {src} {dst}; echo "rc=$? $FILL_ERROR"')
+    assert done.stdout.strip() == "rc=1 the volume is too small: /dev/vdb1 holds 4 MB, the image 2 MB", (
+        done.stdout + done.stderr
+    )
+    assert list(dst.iterdir()) == []
+
+
+def test_fill_copy_says_why_a_copy_failed(agent: Path, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "etc").mkdir()
+    (src / "etc" / "marker").write_text("x")
+    dst.write_text("not a directory")
+    done = run_fill(agent, tmp_path, f'fill_copy {src} {dst}; echo "rc=$? $FILL_ERROR"')
+    assert done.stdout.startswith("rc=1 copying /dev/vdb1 failed: "), done.stdout + done.stderr
+
+
+def test_local_devices_are_partitions_and_unpartitioned_disks(agent: Path, tmp_path: Path) -> None:
+    """local_devices: partitions, and whole disks without partitions, in name order; no
+    loop, RAM or CD devices, nothing empty, nothing mounted."""
+    sys_block = tmp_path / "block"
+
+    def dev(name: str, size: int = 2048, parent: Path | None = None, partition: bool = False) -> Path:
+        path = (parent or sys_block) / name
+        path.mkdir(parents=True)
+        (path / "size").write_text(f"{size}\n")
+        if partition:
+            (path / "partition").write_text("1\n")
+        if parent is not None:
+            (sys_block / name).symlink_to(path)
+        return path
+
+    sda = dev("qrmtsda")
+    dev("qrmtsda1", parent=sda, partition=True)
+    dev("qrmtsda2", parent=sda, partition=True, size=0)
+    dev("qrmtvdb")  # a whole disk with a filesystem on it
+    dev("loop0")
+    dev("sr0")
+    dev("ram0")
+    dev("qrmtvdc", size=0)
+    done = run_fill(agent, tmp_path, "local_devices", QRM_AGENT_SYS_BLOCK=str(sys_block))
+    assert done.stdout.split() == ["/dev/qrmtsda1", "/dev/qrmtvdb"], done.stderr

@@ -55,10 +55,15 @@ class HeartbeatRequest(BaseModel):
     model_config = ConfigDict(strict=True)  # JSON types as the document says them
 
     resource_id: int = Field(ge=1, le=MAX_ID)
-    state: Literal["idle", "active", "failed"]
+    state: Literal["idle", "active", "failed", "filling"]
     reason: str | None = Field(default=None, max_length=200)
     load: float | None = Field(default=None, ge=0, le=1e6)
     boot_generation: int = Field(default=0, ge=0, le=MAX_ID)
+    # Filling the VE's image from the machine's local disk (docs/agent-protocol.md).
+    fill_bytes: int | None = Field(default=None, ge=0, le=2**62)
+    fill_total: int | None = Field(default=None, ge=0, le=2**62)
+    fill_device: str | None = Field(default=None, max_length=128)
+    fill_result: Literal["done", "failed"] | None = None
 
 
 class HeartbeatResponse(BaseModel):
@@ -200,6 +205,10 @@ def heartbeat(request: Request, body: HeartbeatRequest) -> Response:
                 load=body.load,
                 boot_generation=body.boot_generation,
                 reason=body.reason,
+                fill_bytes=body.fill_bytes,
+                fill_total=body.fill_total,
+                fill_device=body.fill_device,
+                fill_result=body.fill_result,
             )
     except Exception:
         _count(request, "heartbeat", "error")

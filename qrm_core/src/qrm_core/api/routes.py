@@ -340,10 +340,11 @@ class FilesystemImageCreate(Body):
     size_mb: int | None = Field(default=None, ge=1, le=v.MAX_INT)
     comment: str | None = rule(None, None, **COMMENT)
     fill_from: str | None = rule(
-        "auto image: another image's name or an http(s) URL",
+        "auto image: another image's name, an http(s) URL, or local-disk[:/dev/DEVICE]"
+        " (the local disk of the machine that boots it)",
         None,
         maxLength=2048,
-        pattern=r"^(https?://[^\s]+|[A-Za-z0-9][A-Za-z0-9._-]*)$",
+        pattern=r"^(https?://[^\s]+|local-disk:/dev/[^\s]+|[A-Za-z0-9][A-Za-z0-9._-]*)$",
     )
     sha256: str | None = rule("the download's SHA-256", None, pattern=r"^[0-9a-fA-F]{64}$")
 
@@ -360,9 +361,11 @@ def fs_add(user: Operator, ctx: Ctx, body: FilesystemImageCreate) -> FilesystemI
     if (
         body.fill_from is not None
         and "/" in body.fill_from
-        and not body.fill_from.startswith(("http://", "https://"))
+        and not body.fill_from.startswith(("http://", "https://", "local-disk:"))
     ):
-        raise InvalidInput("through the API, an auto image fills from another image or an http(s) URL")
+        raise InvalidInput(
+            "through the API, an auto image fills from another image, an http(s) URL or local-disk"
+        )
     return storage.add_filesystem_image(
         ctx,
         name=body.name,

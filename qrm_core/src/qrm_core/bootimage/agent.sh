@@ -27,6 +27,15 @@
 #      qrm.overlay=tmpfs: the image below an overlay whose writable layer is
 #      in RAM (shared pools: the image stays pristine). A root that cannot be
 #      made is reported as heartbeat state "failed" with the reason.
+#   5. qrm.fill=local-disk[:/dev/DEVICE] qrm.fill_mb=MB (the one machine placed
+#      into a VE whose auto image is to be filled from a local disk): before
+#      the above, mount the network root read-write, the local partition
+#      (DEVICE, or the first local one holding a root filesystem) read-only,
+#      copy everything over with tar (owners, modes, links, devices), report
+#      progress (heartbeat state "filling", fill_bytes/fill_total), then
+#      fill_result "done" (and boot on as in 4, no reboot) or state "failed"
+#      with fill_result "failed" and the reason (the server releases the
+#      machine and orders a reboot).
 #
 # Rules this script keeps:
 #   * It never exits while it is PID 1 (the kernel panics when init exits):
@@ -80,6 +89,15 @@ ROOT_MODE=rw
 OVERLAY=
 ROOT_KIND=
 ROOT_ERROR=
+FILL=
+FILL_MB=
+FILL_DEVICE=
+FILL_ERROR=
+FILL_RESULT=
+FILL_FIELDS=
+FILL_BYTES=0
+FILL_TOTAL=0
+SYS_BLOCK=${QRM_AGENT_SYS_BLOCK:-/sys/class/block}
 IFACE=
 RESOURCE_ID=
 TOKEN=
@@ -167,6 +185,13 @@ is_iqn() {
 is_nfs_options() {
 	case $1 in '') return 0 ;; *[!a-z0-9.=,_]* | ,* | *, | *,,*) return 1 ;; esac
 	[ ${#1} -le 200 ]
+}
+
+# A device path under /dev of safe characters, no part that begins with a dot.
+is_device() {
+	case $1 in /dev/?*) ;; *) return 1 ;; esac
+	case $1 in *[!A-Za-z0-9_.:+/-]* | */.* | *//* | */) return 1 ;; esac
+	[ ${#1} -le 128 ]
 }
 
 # A root-filesystem secret from the server (CHAP user or password).
@@ -419,6 +444,8 @@ read_cmdline() {
 		qrm.initiator=*) INITIATOR=${arg#*=} ;;
 		rootfstype=*) FSTYPE=${arg#*=} ;;
 		qrm.overlay=*) OVERLAY=${arg#*=} ;;
+		qrm.fill=*) FILL=${arg#*=} ;;
+		qrm.fill_mb=*) FILL_MB=${arg#*=} ;;
 		ro) ROOT_MODE=ro ;;
 		rw) ROOT_MODE=rw ;;
 		esac
@@ -455,7 +482,30 @@ read_cmdline() {
 		ROOTFS_SIZE=
 	fi
 	case $VE in *[!A-Za-z0-9._-]*) VE=invalid ;; esac
+	read_fill_args
 	read_root_args
+}
+
+# What qrm.fill asks (filling the VE's image from a local disk); FILL_ERROR when malformed.
+read_fill_args() {
+	FILL_DEVICE=
+	FILL_ERROR=
+	case $FILL in
+	'' | local-disk) ;;
+	local-disk:*)
+		FILL_DEVICE=${FILL#local-disk:}
+		if ! is_device "$FILL_DEVICE"; then
+			FILL_ERROR="invalid qrm.fill=$FILL (local-disk or local-disk:/dev/NAME expected)"
+			FILL_DEVICE=
+		fi
+		;;
+	*) FILL_ERROR="unknown qrm.fill=$FILL (local-disk or local-disk:/dev/NAME expected)" ;;
+	esac
+	if [ -n "$FILL_MB" ] && ! is_uint "$FILL_MB"; then
+		FILL_ERROR="invalid qrm.fill_mb=$FILL_MB (megabytes expected)"
+		FILL_MB=
+	fi
+	FILL_ERROR=$(printf '%s' "$FILL_ERROR" | tr -cd 'A-Za-z0-9 .,:;/()_=+-' | cut -c1-160)
 }
 
 # Which root the VE has, from the storage driver's arguments; ROOT_ERROR when
@@ -892,8 +942,8 @@ heartbeat() {
 		# Only characters that need no escaping in JSON, at most 200 of them.
 		reason=$(printf ', "reason": "%s"' "$(printf '%s' "$REASON" | tr -cd 'A-Za-z0-9 .,:;/()_=+-' | cut -c1-200)")
 	fi
-	body=$(printf '{"resource_id": %s, "state": "%s", "load": %s, "boot_generation": %s%s}' \
-		"$RESOURCE_ID" "$STATE" "$(read_load)" "$GEN" "$reason")
+	body=$(printf '{"resource_id": %s, "state": "%s", "load": %s, "boot_generation": %s%s%s}' \
+		"$RESOURCE_ID" "$STATE" "$(read_load)" "$GEN" "$reason" "$FILL_FIELDS")
 	if ! http_post "$SERVER/agent/v1/heartbeat" "$TOKEN" "$body"; then
 		log "heartbeat: $SERVER is not reachable: $HTTP_ERROR"
 		return 1
@@ -1219,6 +1269,207 @@ mount_iscsi_root() {
 	return 0
 }
 
+# ---------------------------------------------------------------------------
+# Filling the VE's image from this machine's local disk (qrm.fill=local-disk)
+# ---------------------------------------------------------------------------
+
+# The local block devices that may hold a root filesystem, in name order:
+# partitions, and whole disks without partitions; none that is mounted (the
+# network root's iSCSI LUN is, while this runs).
+local_devices() {
+	for entry in "$SYS_BLOCK"/*; do
+		[ -e "$entry" ] || continue
+		name=${entry##*/}
+		case $name in loop* | ram* | zram* | sr* | fd* | nbd*) continue ;; esac
+		is_device "/dev/$name" || continue
+		size=$(cat "$entry/size" 2>/dev/null)
+		is_uint "$size" && [ "$size" -gt 0 ] || continue
+		if [ ! -e "$entry/partition" ]; then
+			parts=0
+			for part in "$entry/$name"*; do
+				[ -e "$part/partition" ] && parts=1 && break
+			done
+			[ $parts -eq 1 ] && continue
+		fi
+		grep -q "^/dev/$name " /proc/mounts 2>/dev/null && continue
+		echo "/dev/$name"
+	done
+}
+
+# mount_local DEVICE: DEVICE read-only on /qrm-local: 0, 1 cannot mount, 2 no root there.
+mount_local() {
+	mkdir -p /qrm-local
+	grep -q ' /qrm-local ' /proc/mounts 2>/dev/null && umount /qrm-local
+	for fs in ext4 xfs btrfs; do
+		is_loaded "$fs" || { grep -q "^$fs " /etc/qrm/modules.load 2>/dev/null && load_module "$fs"; }
+	done
+	if ! timeout -s KILL 60 mount -o ro "$1" /qrm-local >"$RUN/local.err" 2>&1; then
+		return 1
+	fi
+	if [ -d /qrm-local/etc ] && { [ -d /qrm-local/bin ] || [ -d /qrm-local/usr/bin ] || [ -e /qrm-local/sbin/init ]; }; then
+		return 0
+	fi
+	umount /qrm-local
+	return 2
+}
+
+# fill_find_local: the local root filesystem on /qrm-local (FILL_DEVICE), or FILL_ERROR.
+fill_find_local() {
+	if [ -n "$FILL_DEVICE" ]; then
+		if [ ! -b "$FILL_DEVICE" ]; then
+			FILL_ERROR="this machine has no local disk $FILL_DEVICE"
+			return 1
+		fi
+		mount_local "$FILL_DEVICE"
+		case $? in
+		0) return 0 ;;
+		1) FILL_ERROR="cannot mount $FILL_DEVICE: $(first_error "$RUN/local.err")" ;;
+		*) FILL_ERROR="$FILL_DEVICE holds no root filesystem (no /etc and /bin)" ;;
+		esac
+		return 1
+	fi
+	tried=
+	for dev in $(local_devices); do
+		tried="$tried $dev"
+		if mount_local "$dev"; then
+			FILL_DEVICE=$dev
+			return 0
+		fi
+	done
+	if [ -z "$tried" ]; then
+		FILL_ERROR="this machine has no local disk"
+	else
+		FILL_ERROR="no local disk holds a mountable root filesystem (tried$tried)"
+	fi
+	return 1
+}
+
+# fill_heartbeat: a heartbeat that says how the filling goes.
+fill_heartbeat() {
+	FILL_FIELDS=$(printf ', "fill_bytes": %s, "fill_total": %s' "$FILL_BYTES" "$FILL_TOTAL")
+	is_device "$FILL_DEVICE" && FILL_FIELDS="$FILL_FIELDS, \"fill_device\": \"$FILL_DEVICE\""
+	[ -n "$FILL_RESULT" ] && FILL_FIELDS="$FILL_FIELDS, \"fill_result\": \"$FILL_RESULT\""
+	heartbeat
+	rc=$?
+	FILL_FIELDS=
+	return $rc
+}
+
+# fill_copy SOURCE TARGET: everything of SOURCE onto TARGET (emptied first: a machine
+# that rebooted while filling starts again), heartbeats with the progress; FILL_ERROR.
+fill_copy() {
+	total_kb=$(du -sk "$1" 2>/dev/null | cut -f1)
+	if ! is_uint "$total_kb"; then
+		FILL_ERROR="cannot measure what $FILL_DEVICE holds"
+		return 1
+	fi
+	FILL_TOTAL=$((total_kb * 1024))
+	FILL_BYTES=0
+	need_mb=$(((total_kb + 1023) / 1024))
+	if is_uint "$FILL_MB" && [ "$FILL_MB" -gt 0 ] && [ "$need_mb" -gt "$FILL_MB" ]; then
+		FILL_ERROR="the volume is too small: $FILL_DEVICE holds $need_mb MB, the image $FILL_MB MB"
+		return 1
+	fi
+	free_kb=$(df -Pk "$2" 2>/dev/null | awk 'NR == 2 {print $4}')
+	if is_uint "$free_kb" && [ "$total_kb" -gt "$free_kb" ]; then
+		FILL_ERROR="the volume is too small: $FILL_DEVICE holds $need_mb MB, the volume has $((free_kb / 1024)) MB free"
+		return 1
+	fi
+	for old in "$2"/* "$2"/.[!.]* "$2"/..?*; do
+		[ -e "$old" ] || [ -L "$old" ] || continue
+		[ "$old" = "$2/lost+found" ] && continue
+		rm -rf "$old"
+	done
+	(
+		set -o pipefail
+		tar -C "$1" -cf - . | tar -C "$2" --numeric-owner -xf -
+	) >"$RUN/fill.err" 2>&1 &
+	copier=$!
+	every=${INTERVAL%%.*}
+	is_uint "$every" && [ "$every" -ge 1 ] || every=10
+	while kill -0 "$copier" 2>/dev/null; do
+		done_kb=$(du -sk "$2" 2>/dev/null | cut -f1)
+		is_uint "$done_kb" && FILL_BYTES=$((done_kb * 1024))
+		[ "$FILL_BYTES" -gt "$FILL_TOTAL" ] && FILL_BYTES=$FILL_TOTAL
+		log "filling: $FILL_BYTES of $FILL_TOTAL bytes"
+		fill_heartbeat
+		waited=0
+		while [ $waited -lt "$every" ] && kill -0 "$copier" 2>/dev/null; do
+			sleep 1
+			waited=$((waited + 1))
+		done
+	done
+	wait "$copier"
+	rc=$?
+	sync
+	if [ $rc -ne 0 ]; then
+		why=$(first_error "$RUN/fill.err")
+		FILL_ERROR="copying $FILL_DEVICE failed: ${why:-exit status $rc}"
+		return 1
+	fi
+	FILL_BYTES=$FILL_TOTAL
+	return 0
+}
+
+# fill_image: 0 filled and reported, 1 the network root cannot be mounted
+# (ROOT_ERROR; tried again as any root), 2 the filling failed (FILL_ERROR).
+fill_image() {
+	[ -n "$FILL_ERROR" ] && return 2
+	if [ "$ROOT_KIND" != nfs ] && [ "$ROOT_KIND" != iscsi ]; then
+		FILL_ERROR="qrm.fill needs a root on NFS or iSCSI"
+		return 2
+	fi
+	# The volume is exported to this machine alone: mounted read-write to be filled.
+	saved_overlay=$OVERLAY
+	saved_mode=$ROOT_MODE
+	OVERLAY=
+	ROOT_MODE=rw
+	make_root
+	rc=$?
+	OVERLAY=$saved_overlay
+	ROOT_MODE=$saved_mode
+	[ $rc -eq 0 ] || return 1
+	if [ -z "$TOKEN" ] && ! register; then
+		ROOT_ERROR="cannot register with the server to report the filling"
+		release_root
+		return 1
+	fi
+	STATE=filling
+	log "filling the image of virtual environment ${VE:-?} from ${FILL_DEVICE:-the first local root filesystem}"
+	if ! fill_find_local; then
+		release_root
+		return 2
+	fi
+	log "copying $FILL_DEVICE onto the network root"
+	fill_copy /qrm-local /newroot
+	rc=$?
+	umount /qrm-local 2>/dev/null
+	release_root
+	[ $rc -eq 0 ] || return 2
+	FILL_RESULT=done
+	log "filled from $FILL_DEVICE ($FILL_BYTES bytes); reporting it"
+	report_fill
+	FILL_RESULT=
+	STATE=idle
+	return 0
+}
+
+# report_fill: the filling's outcome (FILL_RESULT), until the server has it.
+report_fill() {
+	while :; do
+		if [ -z "$TOKEN" ] && ! register; then
+			sleep 5
+			continue
+		fi
+		fill_heartbeat
+		case $? in
+		0) return 0 ;;
+		2) TOKEN= ;;
+		esac
+		sleep 5
+	done
+}
+
 # make_root: the VE's root filesystem at /newroot; ROOT_ERROR says why not.
 make_root() {
 	if [ -n "$ROOT_ERROR" ]; then return 1; fi
@@ -1320,7 +1571,22 @@ stage_initrd() {
 		fi
 		backoff=5
 		while [ "$MODE" = ve ]; do
-			if make_root; then
+			if [ -n "$FILL" ]; then
+				fill_image
+				case $? in
+				0) FILL= ;;
+				2)
+					STATE=failed
+					REASON="cannot fill the image of virtual environment ${VE:-?} from the local disk ($FILL_ERROR)"
+					FILL_RESULT=failed
+					log "$REASON"
+					report_fill # the server releases this machine and orders a reboot
+					FILL_RESULT=
+					break
+					;;
+				esac
+			fi
+			if [ -z "$FILL" ] && make_root; then
 				switch_to_ve
 			fi
 			if [ "$ROOT_KIND" = archive ]; then
@@ -1335,7 +1601,7 @@ stage_initrd() {
 			[ $backoff -gt 60 ] && backoff=60
 		done
 	fi
-	STATE=idle
+	[ "$STATE" = failed ] || STATE=idle
 	agent_loop
 }
 
@@ -1383,6 +1649,7 @@ main() {
 		*) where= ;;
 		esac
 		printf 'kind=%s mode=%s overlay=%s %s\nerror=%s\n' "$ROOT_KIND" "$ROOT_MODE" "$OVERLAY" "$where" "$ROOT_ERROR"
+		[ -n "$FILL" ] && printf 'fill=%s device=%s mb=%s error=%s\n' "$FILL" "$FILL_DEVICE" "$FILL_MB" "$FILL_ERROR"
 		exit 0
 	fi
 	if [ "${1:-}" = --stage=ve ]; then

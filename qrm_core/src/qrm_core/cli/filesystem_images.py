@@ -34,7 +34,9 @@ def add(
     fill_from: Annotated[
         str | None,
         typer.Option(
-            "--fill-from", help="with --auto: another image, or a root filesystem archive (file or URL)"
+            "--fill-from",
+            help="with --auto: another image, a root filesystem archive (file or URL), or "
+            "local-disk[:/dev/DEVICE] (the local disk of the machine that first boots it)",
         ),
     ] = None,
     sha256: Annotated[

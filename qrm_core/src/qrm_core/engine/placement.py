@@ -30,7 +30,7 @@ from qrm_core.models import (
     VEDesiredState,
     VirtualEnvironment,
 )
-from qrm_core.services import ServiceContext, public
+from qrm_core.services import ServiceContext, local_fill, public
 
 _ASSIGN_CHUNK = 500  # resources per UPDATE ... RETURNING when placing
 
@@ -70,7 +70,7 @@ class Placement:
                 failed_kept.add(ve_id)
             bound[ve_id] += 1
             per_host[ve_id][host_id if host_id is not None else rid] += 1
-        problems: dict[int, str] = self._images_not_ready(ctx, wanting)
+        problems, caps = self._images_not_ready(ctx, wanting)
         short = [ve for ve in wanting if bound[ve.id] < ve.pool_size and ve.id not in problems]
         if short:
             pool = CandidatePool(self._candidates(ctx))
@@ -79,7 +79,9 @@ class Placement:
             )
             assignments: list[tuple[VirtualEnvironment, Candidate]] = []
             for ve in short:
-                need = ve.pool_size - bound[ve.id]
+                need = min(ve.pool_size, caps.get(ve.id, ve.pool_size)) - bound[ve.id]
+                if need <= 0:
+                    continue
                 req = Requirements(
                     kind=ve.req_kind,
                     hypervisor=ve.req_hypervisor,
@@ -107,22 +109,24 @@ class Placement:
         ctx.commit()
 
     @staticmethod
-    def _images_not_ready(ctx: ServiceContext, wanting: list[VirtualEnvironment]) -> dict[int, str]:
+    def _images_not_ready(
+        ctx: ServiceContext, wanting: list[VirtualEnvironment]
+    ) -> tuple[dict[int, str], dict[int, int]]:
         """VEs whose filesystem image is being made (an auto image filling, a capture) or
-        failed: no machine boots a half-made image. Their one-line problem."""
+        failed: no machine boots a half-made image. Their one-line problem; and the VEs
+        that get the one machine that fills a local-disk image, with how many they may get
+        (:func:`qrm_core.services.local_fill.fill_plan`)."""
         ids = {ve.fs_image_id for ve in wanting}
-        pending = {
-            fid: (name, state, progress)
-            for fid, name, state, progress in ctx.session.exec(
-                select(
-                    FilesystemImage.id, FilesystemImage.name, FilesystemImage.state, FilesystemImage.progress
-                )
-                .where(col(FilesystemImage.id).in_(ids))
-                .where(FilesystemImage.state != ImageState.READY.value)
-            )
-        }
-        problems: dict[int, str] = {}
+        rows = ctx.session.exec(
+            select(FilesystemImage)
+            .where(col(FilesystemImage.id).in_(ids))
+            .where(FilesystemImage.state != ImageState.READY.value)
+        ).all()
+        pending = {row.id: (row.name, row.state, row.progress) for row in rows}
+        problems, caps = local_fill.fill_plan(ctx, wanting, list(rows))
         for ve in wanting:
+            if ve.id in caps or ve.id in problems:
+                continue
             if ve.fs_image_id in pending and ve.id is not None:
                 name, state, progress = pending[ve.fs_image_id]
                 problems[ve.id] = (
@@ -130,7 +134,7 @@ class Placement:
                     if state == ImageState.CREATING.value
                     else f"its filesystem image {name} is not ready ({state}: {progress})"
                 )
-        return problems
+        return problems, caps
 
     def _candidates(self, ctx: ServiceContext) -> list[Candidate]:
         rows = ctx.session.exec(

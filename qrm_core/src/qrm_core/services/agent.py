@@ -466,20 +466,33 @@ def heartbeat(
     *,
     resource_id: int,
     token: str | None,
-    state: Literal["idle", "active", "failed"],
+    state: Literal["idle", "active", "failed", "filling"],
     load: float | None = None,
     boot_generation: int = 0,
     reason: str | None = None,
     now: datetime | None = None,
+    fill_bytes: int | None = None,
+    fill_total: int | None = None,
+    fill_device: str | None = None,
+    fill_result: Literal["done", "failed"] | None = None,
 ) -> HeartbeatAnswer:
     """Record a heartbeat and answer with the command for the machine.
 
     ``failed`` is an agent saying it cannot do its job (the VE's root cannot be
     fetched, ...): the resource goes to ``error`` at once, with the reason, so
-    failover need not wait for the heartbeat timeout.
+    failover need not wait for the heartbeat timeout. ``filling`` (and ``failed``
+    with ``fill_result``) is a booting machine filling its VE's image from its local
+    disk (:func:`qrm_core.services.local_fill.fill_heartbeat`).
     """
-    if state not in ("idle", "active", "failed"):
-        raise InvalidInput("state must be idle, active or failed")
+    if state not in ("idle", "active", "failed", "filling"):
+        raise InvalidInput("state must be idle, active, failed or filling")
+    if fill_result not in (None, "done", "failed"):
+        raise InvalidInput("fill_result must be done or failed")
+    if (fill_result == "failed" and state != "failed") or (fill_result == "done" and state != "filling"):
+        raise InvalidInput("fill_result done goes with state filling, failed with state failed")
+    for number in (fill_bytes, fill_total):
+        if number is not None and not 0 <= number <= 2**62:
+            raise InvalidInput("fill_bytes and fill_total are byte counts")
     if reason is not None:
         reason = v.one_line(reason[:200])  # a machine's words: made one line, not refused
     if load is not None and (load < 0 or load > 1e6):
@@ -519,6 +532,19 @@ def heartbeat(
         row.pending_command = None
         if row.state != S.OFF.value:
             transition(ctx, row, S.OFF, "halted on request")
+    elif state == "filling" or fill_result is not None:
+        from qrm_core.services.local_fill import fill_heartbeat
+
+        command = fill_heartbeat(
+            ctx,
+            row,
+            state,
+            fill_bytes=fill_bytes,
+            fill_total=fill_total,
+            fill_device=fill_device,
+            fill_result=fill_result,
+            reason=reason,
+        )
     elif state == "failed":
         if row.state != S.ERROR.value:
             transition(ctx, row, S.ERROR, f"its agent reports failure: {reason or 'no reason given'}")

@@ -34,7 +34,7 @@ from qrm_core.models import (
     VEDesiredState,
     VirtualEnvironment,
 )
-from qrm_core.services import ServiceContext, public
+from qrm_core.services import ServiceContext, local_fill, public
 from qrm_core.services import validation as v
 from qrm_core.services.boot_images import default_boot_image_row
 from qrm_core.services.storage import driver_for, export_client, target
@@ -124,6 +124,11 @@ def boot_config(
         args += ["qrm.mode=ve", f"qrm.ve={ve.name}"]
         args += v.kernel_args(list(root.kernel_args), f"root arguments of storage type {storage.type}")
         args += v.kernel_args(ve.kernel_args)
+        if local_fill.is_local_fill(fs):
+            # The one machine placed into a VE whose image is still to be filled from a
+            # local disk: its agent fills it first (services.local_fill).
+            args += local_fill.fill_kernel_args(fs)
+            root_description = f"{root_description}, filled first from the local disk"
     assert resource is not None or ve is None
     resource_public = public.one_resource(ctx.session, resource) if resource is not None else None
     if resource_public is not None:

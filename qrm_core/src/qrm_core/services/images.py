@@ -43,7 +43,7 @@ from qrm_core.models import (
     utcnow,
 )
 from qrm_core.remote import shell_quote, storage_runner
-from qrm_core.services import ServiceContext, public
+from qrm_core.services import ServiceContext, local_fill, public
 from qrm_core.services import validation as v
 from qrm_core.services.storage import driver_for, get_fs_image_row, get_storage_row, target
 
@@ -1015,8 +1015,10 @@ def add_auto_image(
 ) -> FilesystemImagePublic:
     """An empty image (its volume made now, so its export is ready) that is filled
     when a VE that uses it first starts, from ``fill_from``: another image on the
-    same storage server (copied as ``clone`` does), or a root filesystem archive
-    (a file on this machine or an http(s) URL, checked as ``import`` does). Until
+    same storage server (copied as ``clone`` does), a root filesystem archive
+    (a file on this machine or an http(s) URL, checked as ``import`` does), or the
+    local disk of the machine that boots it (``local-disk[:/dev/DEVICE]``, see
+    :mod:`qrm_core.services.local_fill`; that machine is the one placed). Until
     it is filled the engine places no machine into its VEs: nothing mounts a
     half-made image."""
     from pathlib import Path
@@ -1033,7 +1035,18 @@ def add_auto_image(
     driver = driver_for(ctx, storage_row)
     where = target(storage_row)
     source = (fill_from or "").strip()
-    if source.startswith(("http://", "https://")):
+    waiting = AUTO_WAITING
+    local_disk = local_fill.parse_source(source)
+    if local_disk is not None:
+        if driver.copies_per_machine:
+            raise InvalidInput(
+                f"storage {storage_row.name} ({storage_row.type}) gives each machine a copy of its own: "
+                "a machine's local disk can fill only a volume it mounts read-write from the server (nfs, iscsi)"
+            )
+        if wanted_sum is not None:
+            raise InvalidInput("--sha256 is for archives, not a local disk")
+        recorded, waiting = local_disk, local_fill.WAITING_FOR_MACHINE
+    elif source.startswith(("http://", "https://")):
         archives.check_url(source)
         recorded = f"archive {source}"
         _needs(driver, where, "open_tree", "close_tree")
@@ -1070,7 +1083,7 @@ def add_auto_image(
         state=ImageState.CREATING.value,
         size_mb=volume.size_mb,
         source=recorded,
-        progress=AUTO_WAITING,
+        progress=waiting,
         comment=comment,
     )
     _keep_new_image(ctx, row, f"filesystem image {name} added, to be filled from {recorded} "
@@ -1087,6 +1100,8 @@ def auto_images_wanted(ctx: ServiceContext) -> list[str]:
             FilesystemImage.origin == ImageOrigin.AUTO.value,
             FilesystemImage.state == ImageState.CREATING.value,
             VirtualEnvironment.desired_state == VEDesiredState.RUNNING.value,
+            # Filled by the machine placed into it (services.local_fill), not here.
+            col(FilesystemImage.source).not_like(f"{local_fill.LOCAL_DISK}%"),
         )
         .distinct()
     ).all()
@@ -1119,6 +1134,9 @@ def fill_auto_image(ctx: ServiceContext, name: str, *, progress: ProgressFn | No
             row.source,
         )
         kind, _, rest = recorded.partition(" ")
+        if kind == local_fill.LOCAL_DISK:
+            ctx.rollback()
+            return False  # its machine fills it (services.local_fill)
         text, _, checksum = rest.partition(" sha256=")
         src_location = None
         if kind == "image":
