@@ -46,6 +46,7 @@ anything missing fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -789,3 +790,115 @@ def test_the_same_iscsi_image_boots_a_partition(site: Site) -> None:
         site.ok("ve", "stop", "web-san-vm", "--wait", "--timeout", "150")
     finally:
         stop_process(vm, group=True, timeout=10)
+
+
+# ---------------------------------------------------------------------------
+# 6. An auto image filled from the booting machine's local disk (issue 12)
+# ---------------------------------------------------------------------------
+
+
+def local_disk(site: Site, name: str, mac: str) -> Path:
+    """A raw disk image holding a root tree (``mkfs.ext4 -d``: no loop mount) with a file
+    every such disk has and one naming its machine."""
+    tree = ve_root(site.work / f"{name}-tree")
+    (tree / "etc" / "qrm-local-marker").write_text("from a local disk\n")
+    (tree / "etc" / "qrm-local-machine").write_text(f"{mac}\n")
+    (tree / "etc" / "qrm-local-marker").chmod(0o640)
+    disk = site.work / f"{name}.img"
+    subprocess.run(["truncate", "-s", "48M", str(disk)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk)], check=True)
+    return disk
+
+
+def test_an_auto_image_is_filled_from_the_booting_machines_local_disk(site: Site) -> None:
+    """The article's auto-create from a local disk: an empty ``--auto --fill-from local-disk``
+    NFS image and two VEs (shared pools of one) on it, started at once. Exactly one machine
+    is placed; it boots, mounts the volume read-write (exported to it alone), copies its
+    local disk (the first one holding a root: its whole-disk ext4 /dev/vda) onto it with
+    progress in its heartbeats, the image becomes ready, the machine boots on into its VE
+    from the filled image (no reboot) and the other VE gets the other machine only then.
+    Both machines have such a disk, each naming itself: the image holds exactly one."""
+    if qrm("storage", "show", "NFS", env=site.env).returncode != 0:  # scenario 1 adds it
+        site.ok(
+            "storage", "add", "-n", "NFS", "-t", "nfs", "-i", STORAGE_IP,
+            *ssh_options(site), *nfs_settings(site),
+        )  # fmt: skip
+    machines = site.macs()
+    offsets = {}
+    for mac, name in machines.items():
+        with contextlib.suppress(QrmError):  # scenario 3 leaves one powered off
+            site.lab.vm_kill(name)
+        site.lab.vm_disk(name, local_disk(site, f"local-{name}", mac))
+        offsets[mac] = len(site.console(mac))
+        site.lab.vm_start(name)
+    for mac in machines:
+        site.wait_line(
+            mac, r"registered as resource \d+ \(mac [0-9a-f:]+, mode idle", BOOT_TIMEOUT, offsets[mac]
+        )
+    site.watch.until(
+        "both machines idle",
+        lambda: all((r := site.watch.resources()).get(m) and r[m].state == "idle" for m in machines),
+        BOOT_TIMEOUT,
+    )
+    shown = json.loads(
+        site.ok(
+            "filesystem-image", "add", "-n", "local", "-s", "NFS", "--size", "64", "--auto",
+            "--fill-from", "local-disk", "-o", "json",
+        )
+    )  # fmt: skip
+    assert (shown["state"], shown["origin"], shown["source"]) == ("creating", "auto", "local-disk")
+    volume = Path(shown["location"])
+    assert list(volume.iterdir()) == []
+    for ve in ("local", "local2"):
+        site.ok(
+            "ve", "create", "-n", ve, "-b", netlab.BOOT_IMAGE, "-f", "local", "-d", "shared",
+            "--pool-size", "1", "--kind", "physical",
+        )  # fmt: skip
+    started = time.time()
+    site.ok("ve", "start", "local")
+    site.ok("ve", "start", "local2")
+    # One machine is placed, to fill it; the other VE waits for the image meanwhile.
+    filler = site.watch.until(
+        "one machine placed",
+        lambda: [m for m, r in site.watch.resources().items() if r.ve in ("local", "local2")],
+        60,
+    )
+    assert len(filler) == 1, filler
+    (filler_mac,) = filler
+    waiting: list[str] = []
+
+    def filled() -> bool:
+        for ve in ("local", "local2"):
+            problem = site.watch.ve(ve).problem or ""
+            if problem.startswith("creating its filesystem image local:"):
+                waiting.append(problem)
+        placed = [m for m, r in site.watch.resources().items() if r.ve in ("local", "local2")]
+        state = json.loads(site.ok("filesystem-image", "show", "local", "-o", "json"))["state"]
+        if state == "creating":
+            assert placed == [filler_mac], placed  # nobody else while it is filled
+        return bool(state != "creating")
+
+    site.watch.until("the image filled", filled, BOOT_TIMEOUT)
+    image = json.loads(site.ok("filesystem-image", "show", "local", "-o", "json"))
+    assert image["state"] == "ready", image
+    assert image["source"].startswith("local-disk /dev/vda of "), image
+    assert any("waiting for a machine" in p or "filling from the local disk" in p for p in waiting), waiting
+    timing("local-disk auto image: VE start -> image filled", time.time() - started)
+    # What the machine's disk held is in the volume: the marker, its owner and mode, the
+    # files of the tree, and exactly one machine's name.
+    marker = volume / "etc" / "qrm-local-marker"
+    assert marker.read_text() == "from a local disk\n" and marker.stat().st_mode & 0o777 == 0o640
+    assert (volume / "etc" / "qrm-local-machine").read_text() == f"{filler_mac}\n"
+    assert (volume / "bin" / "busybox").is_file() and (volume / "etc" / "qrm" / "ve-start").is_file()
+    for ve in ("local", "local2"):
+        site.wait_members(ve, 1)
+    timing("local-disk auto image: VE start -> both VEs active", time.time() - started)
+    console = site.console(filler_mac)[offsets[filler_mac] :]
+    assert "copying /dev/vda onto the network root" in console, console[-3000:]
+    assert "qrm-netroot-ve: local root qrm-root / overlay rw," in console or (
+        "qrm-netroot-ve: local2 root qrm-root / overlay rw," in console
+    ), console[-3000:]
+    events = site.events()
+    assert sum("filled from the local disk /dev/vda" in e for e in events) == 1, events[:20]
+    for ve in ("local", "local2"):
+        site.ok("ve", "stop", ve, "--wait", "--timeout", "150")

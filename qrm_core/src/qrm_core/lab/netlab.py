@@ -1024,6 +1024,22 @@ class Lab:
             self._power_on(state, spec)
             return spec
 
+    def vm_disk(self, name: str, image: Path) -> qemu.VmSpec:
+        """Give a powered-off machine a local disk (a raw image file, ``/dev/vdX`` to it)
+        from its next power-on: what a machine with a disk of its own looks like."""
+        check_root()
+        if not image.is_file():
+            raise NotFound(f"no disk image {image}")
+        with self._locked():
+            state = self._running_state()
+            spec = self._spec(state, name)
+            proc = state.vm_procs.get(name)
+            if proc is not None and procs.alive(proc):
+                raise Conflict(f"{name} is running: power it off first")
+            spec.extra = [*spec.extra, "-drive", qemu.disk_option(image)]
+            self._write_state(state)
+            return spec
+
     def vm_kill(self, name: str) -> Proc:
         """Pull the plug: SIGKILL, no shutdown (what a failed machine looks like)."""
         check_root()

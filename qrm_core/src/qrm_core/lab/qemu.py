@@ -160,6 +160,11 @@ def _escape(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
+def disk_option(image: Path) -> str:
+    """The ``-drive`` value of a raw disk image a lab machine sees as a virtio disk (``/dev/vdX``)."""
+    return f"file={_escape(image)},format=raw,if=virtio,cache=unsafe"
+
+
 def firmware_argv(spec: VmSpec, vars_path: Path | None) -> list[str]:
     """SeaBIOS is QEMU's default; OVMF comes as two pflash drives: code (read-only) and variables."""
     if spec.firmware == "bios":
