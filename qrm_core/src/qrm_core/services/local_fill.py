@@ -171,8 +171,8 @@ def fill_heartbeat(
             f"filesystem image {image.name}: filling from the local disk of {label} failed: {why}",
             EventLevel.ERROR,
         )
-        release(ctx, row, f"could not fill filesystem image {image.name} from its local disk: {why}"[:255],
-                reboot=True)  # fmt: skip
+        why_released = f"could not fill filesystem image {image.name} from its local disk: {why}"
+        release(ctx, row, why_released[:255], reboot=True)
         return "reboot"
     if fill_result == "done":
         image.state = ImageState.READY.value
