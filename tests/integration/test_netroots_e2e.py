@@ -34,6 +34,10 @@ storage server on another machine. One lab serves the whole module; each scenari
    itself as a QEMU machine on the bridge (what a hypervisor would do; the fake one only
    keeps the record). The partition PXE-boots, registers as a virtual resource, and a VE
    on the same filesystem image boots on it and finds what the physical machines wrote.
+6. An empty ``--auto --fill-from local-disk`` NFS image and two VEs on it, started at once
+   (both lab machines now with a local disk holding a root tree, each naming itself): one
+   machine is placed, fills the image from its disk, boots on into its VE; only then does
+   the other VE get the other machine; the image holds the first machine's files only.
 
 Timings are printed (``timing: ...``); ``bench/netroots/bench_netroots.py`` measures VE
 start -> active on the NFS, iSCSI and RAM-archive roots over several rounds
