@@ -182,7 +182,7 @@ class NfsStorage(StorageDriver):
 
     def validate_server(self, storage: StorageTarget) -> None:
         check_ipv4_server(storage.address)
-        if kernel.server_kind(storage.settings) == "kernel":
+        if self._kernel(storage):
             kernel.exports_file(storage.settings)
         if is_remote_storage(storage.settings):
             remote_config(storage.settings)
@@ -550,9 +550,8 @@ class NfsStorage(StorageDriver):
                             if entry is not None and ip in entry.get("clients", []):
                                 entry["clients"] = [c for c in entry["clients"] if c != ip]
                                 changed = True
-                    if self._kernel(storage):
-                        if changed or grant:
-                            self._apply_kernel(storage, root, state)
+                    if (changed or grant) and self._kernel(storage):
+                        self._apply_kernel(storage, root, state)
                     elif changed or grant:
                         self._apply(root, state, require_running=grant)
             except QrmError as exc:

@@ -577,6 +577,7 @@ def _clone_across(
     from_name = source_row.name
     size = row.size_mb if row.size_mb is not None else DEFAULT_CAPTURE_MB
     ctx.rollback()
+    row_made = False
 
     def say(line: str) -> None:
         """Tell the caller, and keep the line on the new image's row once it has one, so
@@ -584,10 +585,9 @@ def _clone_across(
         once a second)."""
         if progress is not None:
             progress(line)
-        if made:
+        if row_made:
             _set(ctx, name, progress=f"cloning: {line}"[:255])
 
-    made: list[str] = []
     with job_lock(ctx, src_name), job_lock(ctx, name):
         started = time.monotonic()
         src_runner, dst_runner = (
@@ -609,7 +609,7 @@ def _clone_across(
             new.progress = f"cloning: copying {src_name} from {from_name}"
             _keep_new_image(ctx, new, f"filesystem image {name}: clone of {src_name} from {from_name} started "
                             f"({size} MB on {dest_name}:{volume.location})", dst_driver, dst_where)  # fmt: skip
-            made.append(name)
+            row_made = True
             try:
                 tree = dst_driver.open_tree(dst_where, volume.location)
 
