@@ -810,7 +810,9 @@ def test_hypervisor_hosts_loads_only_the_hosts(qrm_ctx) -> None:
     )
     reported = resources.add_resource(qrm_ctx, mac="52:54:00:00:21:02")
     other = resources.add_resource(qrm_ctx, mac="52:54:00:00:21:03")
-    for rid, caps in ((reported.id, ["fake"]), (other.id, ["another"])):
+    # Names that contain "fake" but are not it: the database's rough match is checked again.
+    lookalike = resources.add_resource(qrm_ctx, mac="52:54:00:00:21:04")
+    for rid, caps in ((reported.id, ["fake"]), (other.id, ["another"]), (lookalike.id, ["fake2", "xfake"])):
         row = qrm_ctx.session.get(Resource, rid)
         row.capabilities = caps
     qrm_ctx.commit()
@@ -829,3 +831,5 @@ def test_hypervisor_hosts_loads_only_the_hosts(qrm_ctx) -> None:
     assert [h.resource_id for h in hosts] == [declared.id, reported.id]
     assert sorted(loaded) == [declared.id, reported.id]
     assert hypervisor_hosts(qrm_ctx, "another")[0].resource_id == other.id
+    assert [h.resource_id for h in hypervisor_hosts(qrm_ctx, "fake2")] == [lookalike.id]
+    assert hypervisor_hosts(qrm_ctx, "fak") == []

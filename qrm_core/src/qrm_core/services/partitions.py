@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal, TypeVar
 
+import sqlalchemy as sa
+from sqlalchemy import cast, or_
 from sqlmodel import col, func, select
 
 from qrm_core.drivers.base import (
@@ -150,8 +152,16 @@ def hypervisor_hosts(ctx: ServiceContext, hypervisor: str) -> list[HostTarget]:
     columns that decide are read as plain rows first; loading every resource
     cost 50-100 ms per call at 5,000 resources, in the server's process.
     """
+    # The database narrows the rows first (a host's reported hypervisors are a
+    # JSON list, matched as text: ``"qemu"``), so a site of 25,000 machines
+    # with a handful of hosts reads a handful of rows, not 25,000 JSON values;
+    # the exact rule is applied to what comes back.
+    candidates = or_(
+        col(Resource.hypervisor) == hypervisor,
+        cast(Resource.capabilities, sa.String).like(f'%"{hypervisor}"%'),
+    )
     facts = ctx.session.exec(
-        select(Resource.id, Resource.kind, Resource.hypervisor, Resource.capabilities)
+        select(Resource.id, Resource.kind, Resource.hypervisor, Resource.capabilities).where(candidates)
     ).all()
     ids = [
         rid
