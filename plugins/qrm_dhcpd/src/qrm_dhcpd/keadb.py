@@ -447,37 +447,44 @@ class _Batcher:
         self.queue = rest
         return batch
 
+    #: One statement for every batch, whatever its size: the rows go in as four arrays,
+    #: so the statement's text never changes (compiled once here, and prepared once by
+    #: PostgreSQL) instead of a VALUES list of its own for each size of batch.
+    _UPSERT = sa.text(
+        "WITH v AS (SELECT * FROM unnest(CAST(:idents AS BYTEA[]), CAST(:ips AS BIGINT[]), "
+        "CAST(:hostnames AS VARCHAR[]), CAST(:ctxs AS TEXT[])) WITH ORDINALITY AS v (ident, ip, hostname, ctx, n)), "
+        "o AS (SELECT v.*, (SELECT h.dhcp_identifier FROM hosts h"
+        " WHERE h.ipv4_address = v.ip AND h.dhcp4_subnet_id = :sid"
+        " AND NOT (h.dhcp_identifier = v.ident AND h.dhcp_identifier_type = :t) LIMIT 1) AS other FROM v), "
+        "ins AS (INSERT INTO hosts (dhcp_identifier, dhcp_identifier_type, dhcp4_subnet_id, ipv4_address, "
+        "hostname, user_context) "
+        "SELECT ident, :t, :sid, CASE WHEN other IS NULL THEN ip END, hostname, ctx FROM o ORDER BY n "
+        "ON CONFLICT (dhcp_identifier, dhcp_identifier_type, dhcp4_subnet_id) "
+        "WHERE dhcp4_subnet_id IS NOT NULL DO UPDATE SET ipv4_address = EXCLUDED.ipv4_address, "
+        "hostname = EXCLUDED.hostname, user_context = EXCLUDED.user_context) "
+        "SELECT n, other FROM o"
+    )
+
     def _write(self, batch: list[_Pending]) -> dict[int, Any]:
-        values = []
-        params: dict[str, Any] = {"t": HW_ADDRESS, "sid": self.subnet_id}
-        for n, item in enumerate(batch):
-            values.append(
-                f"(CAST(:i{n} AS BYTEA), CAST(:p{n} AS BIGINT), CAST(:h{n} AS VARCHAR), CAST(:c{n} AS TEXT), {n})"
-            )
-            row = item.row
-            params.update(
-                {f"i{n}": row["ident"], f"p{n}": row["ip"], f"h{n}": row["hostname"], f"c{n}": row["ctx"]}
-            )
-        statement = sa.text(
-            f"WITH v (ident, ip, hostname, ctx, n) AS (VALUES {', '.join(values)}), "
-            "o AS (SELECT v.*, (SELECT h.dhcp_identifier FROM hosts h"
-            " WHERE h.ipv4_address = v.ip AND h.dhcp4_subnet_id = :sid"
-            " AND NOT (h.dhcp_identifier = v.ident AND h.dhcp_identifier_type = :t) LIMIT 1) AS other FROM v), "
-            "ins AS (INSERT INTO hosts (dhcp_identifier, dhcp_identifier_type, dhcp4_subnet_id, ipv4_address, "
-            "hostname, user_context) "
-            "SELECT ident, :t, :sid, CASE WHEN other IS NULL THEN ip END, hostname, ctx FROM o "
-            "ON CONFLICT (dhcp_identifier, dhcp_identifier_type, dhcp4_subnet_id) "
-            "WHERE dhcp4_subnet_id IS NOT NULL DO UPDATE SET ipv4_address = EXCLUDED.ipv4_address, "
-            "hostname = EXCLUDED.hostname, user_context = EXCLUDED.user_context) "
-            "SELECT n, other FROM o"
-        )
+        rows = [item.row for item in batch]
+        params: dict[str, Any] = {
+            "t": HW_ADDRESS,
+            "sid": self.subnet_id,
+            "idents": [row["ident"] for row in rows],
+            "ips": [row["ip"] for row in rows],
+            "hostnames": [row["hostname"] for row in rows],
+            "ctxs": [row["ctx"] for row in rows],
+        }
         self.statements += 1
         try:
             with self.engine.connect() as conn:
-                rows = conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement, params).all()
+                found = (
+                    conn.execution_options(isolation_level="AUTOCOMMIT").execute(self._UPSERT, params).all()
+                )
         except DBAPIError as exc:
             return {id(item): exc for item in batch}
-        return {id(batch[n]): other for n, other in rows}
+        # ORDINALITY counts from 1.
+        return {id(batch[n - 1]): other for n, other in found}
 
 
 _batchers: dict[tuple[str, int], _Batcher] = {}

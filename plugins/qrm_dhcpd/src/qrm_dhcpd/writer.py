@@ -132,7 +132,11 @@ class ReservationWriter:
             # an earlier one not yet applied (and moves to the end of the round).
             self._queue.pop(resource.mac, None)
             self._queue[resource.mac] = (ctx, action, resource)
-            self._cond.notify_all()
+            # The writer needs waking for the first change of a round (it then waits
+            # LINGER for more) and when a round is full; waking it for each change of a
+            # burst only had it check the clock and sleep again, in the server's GIL.
+            if len(self._queue) == 1 or len(self._queue) >= FULL_ROUND:
+                self._cond.notify_all()
         return True
 
     def pending(self) -> int:
