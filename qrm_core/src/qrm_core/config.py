@@ -48,6 +48,26 @@ def _config_file() -> Path:
     return (Path(data_dir) if data_dir else default_data_dir()) / "qrm.toml"
 
 
+#: _config_file_text(): (QRM_CONFIG, QRM_DATA_DIR) -> the file's path as text.
+_CONFIG_TEXT: dict[tuple[str | None, str | None], str] = {}
+
+
+def _config_file_text() -> str:
+    """:func:`_config_file` as text, without building paths each time when either
+    variable names it (the server's case: :func:`settings_source_key` runs several
+    times per registration). Without them the path depends on the user's home and
+    XDG variables, and is worked out each time."""
+    key = (os.environ.get("QRM_CONFIG") or None, os.environ.get("QRM_DATA_DIR") or None)
+    if key == (None, None):
+        return str(_config_file())
+    text = _CONFIG_TEXT.get(key)
+    if text is None:
+        if len(_CONFIG_TEXT) > 64:
+            _CONFIG_TEXT.clear()
+        text = _CONFIG_TEXT[key] = str(_config_file())
+    return text
+
+
 class Settings(BaseSettings):
     """Everything qrm can be configured with."""
 
@@ -248,12 +268,12 @@ def settings_source_key() -> tuple[Any, ...]:
     identity (path, inode, size, modification time). Cheap (microseconds), so a hook
     called on every registration can keep its settings until this changes
     (:meth:`PluginSettings.cached`)."""
-    path = _config_file()
+    path = _config_file_text()
     try:
         st = os.stat(path)
-        identity: tuple[Any, ...] = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        identity: tuple[Any, ...] = (path, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
-        identity = (str(path),)
+        identity = (path,)
     # The environment as the process holds it (bytes), copied in C: decoding
     # each variable through os.environ was most of the cost.
     raw = getattr(os.environ, "_data", None)
