@@ -25,6 +25,12 @@ boot, so an empty image boots).
 * **Batches.** :meth:`export_volumes` reads tgt's whole state once and applies
   every change in one script (one round trip to the server), each change
   reported on its own line: 1,000 exports take seconds, not minutes.
+* **Snapshots as cheap as the backend allows, and saying which.** LUN files:
+  copies of the file (copy-on-write where the backing directory reflinks).
+  LVM volumes: LVM snapshots, ``<volume>_snap<N>`` tagged ``qrm-label=<label>``,
+  their copy-on-write store as big as the volume (they never overflow); a revert
+  merges the snapshot (the LUN out of tgt meanwhile) and takes it again. A clone
+  of an LVM volume is a new logical volume with a full ``dd`` copy.
 * **Here or over SSH.** A storage server with SSH settings is managed on its
   own machine (:mod:`qrm_core.remote`); without, on this one.
 """
@@ -77,10 +83,11 @@ LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SNAPSHOTS = ".qrm-snapshots"
 #: Where ``read_tree`` mounts a LUN file's filesystem: ``<backing_dir>/.qrm-read/<vol>``.
 READING = ".qrm-read"
-#: What a snapshot, clone or revert of LUN files needs; LVM volumes (device-mapper) have none yet.
-FILE_ONLY = frozenset(
-    {"clone_volume", "snapshot_volume", "list_snapshots", "revert_volume", "remove_snapshot"}
-)
+#: An LVM snapshot of volume ``<vol>`` is the logical volume ``<vol>_snap<N>`` (``_`` is never in
+#: a volume's name, so it cannot clash with one; ``N`` grows, so the order is the age) tagged
+#: ``qrm-label=<label>`` (a label's characters are all allowed in LVM tags).
+LVM_SNAPSHOT = "_snap"
+LVM_LABEL_TAG = "qrm-label="
 
 
 def check_volume_name(name: str) -> str:
@@ -374,7 +381,8 @@ class IscsiStorage(StorageDriver):
         return VolumeInfo(location=name, size_mb=size_mb)
 
     def remove_volume(self, storage: StorageTarget, location: str) -> None:
-        """Delete the target, its account and the LUN's data. Refused while exported."""
+        """Delete the target, its account and the LUN's data, with the volume's snapshots.
+        Refused while exported."""
         check_volume_name(location)
         config = self._config(storage)
         path = self._backing(config, location, "remove a volume")
@@ -404,7 +412,18 @@ class IscsiStorage(StorageDriver):
             f"! mountpoint -q {reading} && {{ rmdir {reading} 2>/dev/null || true; }}"
         )
         if config.volume_group:
-            steps.append(f"lvremove -q -f {quote(config.volume_group + '/' + location)} >/dev/null")
+            # Its snapshots first (every LV whose origin it is), each by name: none is left behind.
+            vg = quote(config.volume_group)
+            steps.append(
+                f"snaps=$(lvs -a --noheadings --separator '|' -o lv_name,origin {vg}"
+                f" | awk -F'|' -v o={quote(location)} "
+                + quote('$2 == o { sub(/^ +/, "", $1); gsub(/[][]/, "", $1); print $1 }')
+                + ") && ok=1 && for s in $snaps; do "
+                f'lvremove -q -f {vg}/"$s" >/dev/null </dev/null || ok=0; done && [ "$ok" = 1 ]'
+            )
+            steps.append(
+                f"lvremove -q -f {quote(config.volume_group + '/' + location)} >/dev/null </dev/null"
+            )
         else:
             steps.append(f"rm -f {quote(path)}")
         script.step("remove", steps, requires=["exists"])
@@ -687,22 +706,9 @@ class IscsiStorage(StorageDriver):
 
     # -- filling, cloning, snapshots -----------------------------------------
 
-    def supported_operations(self, target: object | None = None) -> frozenset[str]:
-        """Snapshots, clones and reverts of LUN files; not (yet) of LVM volumes."""
-        ops = super().supported_operations(target)
-        if isinstance(target, StorageTarget):
-            try:
-                if self._config(target).volume_group:
-                    return ops - FILE_ONLY
-            except QrmError:
-                return ops
-        return ops
-
-    def _file_volume(self, storage: StorageTarget, location: str, operation: str) -> tuple[ServerConfig, str]:
+    def _volume(self, storage: StorageTarget, location: str) -> tuple[ServerConfig, str]:
         check_volume_name(location)
         config = self._config(storage)
-        if config.volume_group:
-            raise self.unsupported(operation, f"{storage.name} (LVM volumes)")
         return config, self._backing(config, location, "use a volume")
 
     @staticmethod
@@ -840,11 +846,19 @@ class IscsiStorage(StorageDriver):
         return f"an ext4 filesystem of {size_mb} MB made from the files ({used} MB)"
 
     def clone_volume(self, storage: StorageTarget, location: str, name: str) -> VolumeInfo:
-        """A new volume (its own target and CHAP account) whose LUN file is a copy of
-        ``location``'s: copy-on-write where the backing directory's filesystem can."""
+        """A new volume (its own target and CHAP account) holding a copy of ``location``'s
+        data: for LUN files a copy of the file, copy-on-write where the backing directory's
+        filesystem can; for LVM volumes a new logical volume that ``dd`` fills with the
+        whole of the source (an LVM snapshot is not a volume of its own: it goes when its
+        origin goes, and every write to either costs a copy)."""
         check_volume_name(name)
-        config, path = self._file_volume(storage, location, "clone_volume")
-        found = self._run(storage, f"stat -c %s {quote(path)} 2>/dev/null || echo missing\n").stdout.strip()
+        config, path = self._volume(storage, location)
+        if config.volume_group:
+            vg = config.volume_group
+            probe = f"lvs --noheadings --units b --nosuffix -o lv_size {quote(vg + '/' + location)} 2>/dev/null || echo missing\n"
+        else:
+            probe = f"stat -c %s {quote(path)} 2>/dev/null || echo missing\n"
+        found = self._run(storage, probe).stdout.strip()
         if not found.isdigit():
             raise NotFound(f"volume {location} does not exist on {storage.name}")
         size_mb = max(1, -(-int(found) // (1 << 20)))
@@ -853,23 +867,242 @@ class IscsiStorage(StorageDriver):
         except AlreadyExists:
             raise DriverError(f"a volume named {name} already exists on {storage.name}") from None
         new = self._backing(config, name, "clone a volume")
-        try:
-            how = self._said(
-                storage,
+        if config.volume_group:
+            copy = (
+                f"if ! err=$(dd if={quote(path)} of={quote(new)} bs=4M conv=notrunc,fsync status=none 2>&1); then "
+                'echo "qrm-failed dd: $(printf %s "$err" | tail -n 1)"; exit 0; fi\n'
+                "echo 'qrm-done full copy (dd)'\n"
+            )
+        else:
+            copy = (
                 cow_probe(config.backing_dir or "/tmp")
                 + "\n"
                 + self._copy_file(path, new)
-                + 'echo "qrm-done $how"\n',
-                location,
+                + 'echo "qrm-done $how"\n'
             )
+        try:
+            how = self._said(storage, copy, location)
         except QrmError:
             self.remove_volume(storage, name)
             raise
         return VolumeInfo(location=info.location, size_mb=size_mb, how=how)
 
+    # -- LVM snapshots ---------------------------------------------------------
+
+    def _lvm_head(self, config: ServerConfig) -> str:
+        """Shell: what every LVM snapshot script starts with: C messages, no file
+        descriptor warnings, and the storage server's lock (tgt changes take it too)."""
+        lock = self._lock(config)
+        return (
+            "export LC_ALL=C LVM_SUPPRESS_FD_WARNINGS=1\n"
+            # The last line of a message, without the indent LVM gives its messages.
+            "last() { printf %s \"$1\" | tail -n 1 | sed 's/^ *//'; }\n"
+            f"mkdir -p {quote(config.state_dir)} 2>/dev/null\n"
+            f"exec 9>>{quote(lock)} || {{ echo 'qrm-failed cannot open the lock file {lock}'; exit 0; }}\n"
+            "flock -w 60 9 || { echo 'qrm-failed cannot lock the storage server (flock)'; exit 0; }\n"
+        )
+
+    @staticmethod
+    def _lvm_exists(vg: str, volume: str) -> str:
+        return f"lvs {quote(vg + '/' + volume)} >/dev/null 2>&1 || {{ echo qrm-missing; exit 0; }}\n"
+
+    @staticmethod
+    def _lvm_find(vg: str, volume: str, label: str) -> str:
+        """Shell: ``snap`` set to the name of ``volume``'s snapshot labelled ``label``
+        (empty without one). ``-a``: a snapshot whose merge is pending is hidden otherwise."""
+        program = (
+            '{ sub(/^ +/, "", $1); gsub(/[][]/, "", $1) } '
+            '$2 == o { n = split($3, t, ","); for (i = 1; i <= n; i++) if (t[i] == l) { print $1; exit } }'
+        )
+        return (
+            f"snap=$(lvs -a --noheadings --separator '|' -o lv_name,origin,lv_tags {quote(vg)} 2>/dev/null "
+            f"| awk -F'|' -v o={quote(volume)} -v l={quote(LVM_LABEL_TAG + label)} {quote(program)})\n"
+        )
+
+    @staticmethod
+    def _lvm_snapshot(vg: str, volume: str, label: str, what: str) -> str:
+        """Shell: take the snapshot ``$snap`` of ``volume`` labelled ``label``; on failure
+        call ``fail`` with a line that starts with ``what``. Its copy-on-write store is
+        asked for more than the volume's size and lvcreate cuts it to what holds every
+        block of the volume ("Reducing COW size ... down to maximum usable size"): the
+        snapshot can never fill up and be invalidated. A fixed size, not ``100%ORIGIN``:
+        a percentage is an upper limit that lvcreate lowers to the space there is."""
+        lv = quote(vg + "/" + volume)
+        return (
+            f"bytes=$(lvs --noheadings --units b --nosuffix -o lv_size {lv} | tr -d ' ')\n"
+            "mb=$(( (${bytes:-0} + 1048575) / 1048576 ))\n"
+            f'if ! err=$(lvcreate -q -y -s -L "$(( mb + mb / 16 + 16 ))m" -n "$snap" '
+            f"--addtag {quote(LVM_LABEL_TAG + label)} {lv} 2>&1 </dev/null); then\n"
+            f'  lvs {quote(vg)}/"$snap" >/dev/null 2>&1 && lvremove -q -f {quote(vg)}/"$snap" >/dev/null 2>&1\n'
+            f'  fail "{what}: $(last "$err")"\n'
+            "fi\n"
+        )
+
+    def _lvm_snapshot_volume(
+        self, storage: StorageTarget, config: ServerConfig, location: str, label: str
+    ) -> str:
+        vg = config.volume_group
+        assert vg is not None
+        prefix = location + LVM_SNAPSHOT
+        number = (
+            '{ sub(/^ +/, "", $1); gsub(/[][]/, "", $1) } '
+            "index($1, p) == 1 { s = substr($1, length(p) + 1); if (s ~ /^[0-9]+$/ && s + 1 > m) m = s + 1 } "
+            "END { print m }"
+        )
+        script = (
+            self._lvm_head(config)
+            + 'fail() { echo "qrm-failed $1"; exit 0; }\n'
+            + self._lvm_exists(vg, location)
+            + self._lvm_find(vg, location, label)
+            + '[ -z "$snap" ] || { echo qrm-exists; exit 0; }\n'
+            + f"n=$(lvs -a --noheadings -o lv_name {quote(vg)} | awk -v p={quote(prefix)} -v m=1 {quote(number)})\n"
+            + f'snap={quote(prefix)}"$n"\n'
+            + self._lvm_snapshot(vg, location, label, f"cannot take an LVM snapshot of volume {location}")
+            + "echo 'qrm-done LVM snapshot'\n"
+        )
+        return self._said(storage, script, location, label)
+
+    def _lvm_list_snapshots(self, storage: StorageTarget, config: ServerConfig, location: str) -> list[str]:
+        vg = config.volume_group
+        assert vg is not None
+        done = self._run(
+            storage,
+            "export LC_ALL=C LVM_SUPPRESS_FD_WARNINGS=1\n"
+            + self._lvm_exists(vg, location)
+            + f"if out=$(lvs -a --noheadings --separator '|' -o lv_name,origin,lv_tags {quote(vg)} 2>&1); then "
+            """printf '%s\\n' "$out" | sed 's/^/lv /'; echo qrm-done; else printf '%s\\n' "$out" >&2; fi\n""",
+        )
+        if "qrm-missing" in done.stdout.splitlines():
+            raise NotFound(f"volume {location} does not exist on {storage.name}")
+        if "qrm-done" not in done.stdout.splitlines():
+            raise DriverError(f"cannot list the snapshots of volume {location}: {done.last_error()}")
+        found: list[tuple[int, str]] = []
+        prefix = location + LVM_SNAPSHOT
+        for line in done.stdout.splitlines():
+            parts = line[3:].strip().split("|") if line.startswith("lv ") else []
+            if len(parts) != 3 or parts[1] != location:
+                continue
+            name = parts[0].strip("[]")
+            number = name.removeprefix(prefix)
+            if not name.startswith(prefix) or not number.isdigit():
+                continue
+            for tag in parts[2].split(","):
+                label = tag.removeprefix(LVM_LABEL_TAG)
+                if tag.startswith(LVM_LABEL_TAG) and LABEL.match(label):
+                    found.append((int(number), label))
+        return [label for _, label in sorted(found)]
+
+    def _lvm_revert_volume(
+        self, storage: StorageTarget, config: ServerConfig, location: str, label: str
+    ) -> str:
+        """Merge the snapshot into the volume, then take it again under the same name and label.
+
+        ``lvconvert --mergesnapshot`` gives the origin the snapshot's data and removes
+        the snapshot. It starts at once only when neither the origin nor the snapshot is
+        open; otherwise it is deferred to the origin's next activation (lvconvert(8)),
+        and tgtd holds the volume open while it is a LUN. So, under the storage server's
+        lock:
+
+        1. the volume exists and has the snapshot (else NotFound, nothing changed);
+        2. its LUN is taken out of its target (``tgtadm --op delete --mode
+           logicalunit``: tgtd closes the volume; the target, its ACL and CHAP account
+           stay, so nobody has to export it again); a LUN tgt will not let go of stops
+           here, nothing changed;
+        3. neither the volume nor the snapshot is open (``lv_attr``: a mount, another
+           program): else the LUN goes back and the revert is refused, nothing changed;
+        4. ``lvconvert -y -i 1 --mergesnapshot VG/SNAP``: the merge starts at once and
+           lvconvert waits until it is done (it copies back only the blocks written
+           since the snapshot); the snapshot LV must then be gone (not a merge left
+           pending);
+        5. the snapshot is taken again under the same name (so its place in the order)
+           and label, so a pristine VE can be reset again and again;
+        6. the LUN goes back into its target with the same number, backing device and
+           read-only setting.
+
+        Any step failing after 2 puts the LUN back before it says why in one line.
+        """
+        vg = config.volume_group
+        assert vg is not None
+        path = self._backing(config, location, "revert a volume")
+        live = self._show(storage, config).get(self.target_name(storage, location))
+        lun = live.luns.get(LUN) if live is not None else None
+        script = tgt.Script(config.tgt_control_port, None)
+        if live is not None and lun is not None:
+            release = script.tgtadm(
+                "--op", "delete", "--mode", "logicalunit", "--tid", live.tid, "--lun", LUN
+            )
+            back = script.tgtadm(
+                "--op", "new", "--mode", "logicalunit", "--tid", live.tid, "--lun", LUN, "-b", path
+            )
+            if lun.readonly:
+                back += " && " + script.tgtadm(
+                    "--op", "update", "--mode", "logicalunit", "--tid", live.tid, "--lun", LUN,
+                    "--params", "readonly=1",
+                )  # fmt: skip
+        else:
+            release = back = "true"
+        lv = quote(vg + "/" + location)
+        text = (
+            self._lvm_head(config)
+            + f"back() {{ {back}; }}\n"
+            + 'fail() { if e=$(back 2>&1); then echo "qrm-failed $1"; else '
+            'echo "qrm-failed $1 (and tgt did not take the LUN back: $(last "$e"))"; fi; exit 0; }\n'
+            + self._lvm_exists(vg, location)
+            + self._lvm_find(vg, location, label)
+            + '[ -n "$snap" ] || { echo qrm-no-snapshot; exit 0; }\n'
+            + f"if ! err=$({release} 2>&1); then "
+            f'echo "qrm-failed tgt would not let go of the LUN of volume {location}: '
+            '$(last "$err")"; exit 0; fi\n'
+            # Nothing else may hold the volume or the snapshot open, or the merge is only deferred.
+             + f'for x in {lv} {quote(vg)}/"$snap"; do\n'
+            '  attr=$(lvs --noheadings -o lv_attr "$x" 2>/dev/null | tr -d " ")\n'
+            f'  case "$attr" in ?????o*) fail "$x is open on the storage server (mounted, or used by '
+            f'a program other than tgt): volume {location} not reverted";; esac\n'
+            "done\n"
+            + f'if ! err=$(lvconvert -y -i 1 --mergesnapshot {quote(vg)}/"$snap" 2>&1 </dev/null); then\n'
+            f'  fail "cannot merge snapshot {label} into volume {location}: lvconvert: $(last "$err")"\n'
+            "fi\n"
+            + f'if lvs -a --noheadings -o lv_name {quote(vg)} | tr -d " []" | grep -qx -- "$snap"; then\n'
+            f'  fail "the merge of snapshot {label} into volume {location} is pending, not done '
+            '(lvconvert: $(last "$err"))"\n'
+            "fi\n"
+            + self._lvm_snapshot(
+                vg,
+                location,
+                label,
+                f"volume {location} was reverted to {label}, but the snapshot was not taken again",
+            )
+            + f'if ! err=$(back 2>&1); then echo "qrm-failed volume {location} was reverted to {label}, '
+            'but tgt did not take its LUN back: $(last "$err")"; exit 0; fi\n'
+            "echo 'qrm-done LVM snapshot merge'\n"
+        )
+        return self._said(storage, text, location, label)
+
+    def _lvm_remove_snapshot(
+        self, storage: StorageTarget, config: ServerConfig, location: str, label: str
+    ) -> None:
+        vg = config.volume_group
+        assert vg is not None
+        script = (
+            self._lvm_head(config)
+            + self._lvm_find(vg, location, label)
+            + '[ -n "$snap" ] || { echo qrm-no-snapshot; exit 0; }\n'
+            + f'if ! err=$(lvremove -q -f {quote(vg)}/"$snap" 2>&1 </dev/null); then '
+            'echo "qrm-failed lvremove: $(last "$err")"; exit 0; fi\n'
+            "echo qrm-done\n"
+        )
+        self._said(storage, script, location, label)
+
+    # -- snapshots -------------------------------------------------------------
+
     def snapshot_volume(self, storage: StorageTarget, location: str, label: str) -> str:
+        """LUN files: a copy of the file (copy-on-write where the backing directory can).
+        LVM volumes: an LVM snapshot (copy-on-write blocks, as big as the volume so it
+        never overflows), the logical volume ``<volume>_snap<N>`` tagged ``qrm-label=<label>``."""
         self._label(label)
-        config, path = self._file_volume(storage, location, "snapshot_volume")
+        config, path = self._volume(storage, location)
+        if config.volume_group:
+            return self._lvm_snapshot_volume(storage, config, location, label)
         snaps = f"{config.backing_dir}/{SNAPSHOTS}/{location}"
         dest = f"{snaps}/{label}.img"
         script = (
@@ -885,7 +1118,9 @@ class IscsiStorage(StorageDriver):
         return self._said(storage, script, location, label)
 
     def list_snapshots(self, storage: StorageTarget, location: str) -> list[str]:
-        config, path = self._file_volume(storage, location, "list_snapshots")
+        config, path = self._volume(storage, location)
+        if config.volume_group:
+            return self._lvm_list_snapshots(storage, config, location)
         snaps = f"{config.backing_dir}/{SNAPSHOTS}/{location}"
         done = self._run(
             storage,
@@ -900,10 +1135,13 @@ class IscsiStorage(StorageDriver):
         return [label for label in dict.fromkeys(labels) if LABEL.match(label)]
 
     def revert_volume(self, storage: StorageTarget, location: str, label: str) -> str:
-        """The snapshot copied back into the LUN file itself (tgt keeps it open: the same
-        file, new data), copy-on-write where it can be."""
+        """LUN files: the snapshot copied back into the LUN file itself (tgt keeps it
+        open: the same file, new data), copy-on-write where it can be. LVM volumes: the
+        snapshot merged into the volume and taken again (:meth:`_lvm_revert_volume`)."""
         self._label(label)
-        config, path = self._file_volume(storage, location, "revert_volume")
+        config, path = self._volume(storage, location)
+        if config.volume_group:
+            return self._lvm_revert_volume(storage, config, location, label)
         snap = f"{config.backing_dir}/{SNAPSHOTS}/{location}/{label}.img"
         script = (
             f"test -f {quote(path)} || {{ echo qrm-missing; exit 0; }}\n"
@@ -917,7 +1155,10 @@ class IscsiStorage(StorageDriver):
 
     def remove_snapshot(self, storage: StorageTarget, location: str, label: str) -> None:
         self._label(label)
-        config, _path = self._file_volume(storage, location, "remove_snapshot")
+        config, _path = self._volume(storage, location)
+        if config.volume_group:
+            self._lvm_remove_snapshot(storage, config, location, label)
+            return
         snaps = f"{config.backing_dir}/{SNAPSHOTS}/{location}"
         script = (
             f"test -f {quote(snaps + '/' + label + '.img')} || {{ echo qrm-no-snapshot; exit 0; }}\n"
