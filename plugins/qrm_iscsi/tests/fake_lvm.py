@@ -22,7 +22,9 @@ What it models of LVM, from lvcreate(8), lvconvert(8), lvremove(8), lvs(8):
 * ``lvremove -f`` of an origin removes its snapshots too; an open LV is "in use";
 * ``lv_attr``: type (``o``/``O`` origin, ``s``/``S`` snapshot, merging in capitals)
   and open (6th character);
-* an unknown option is an error, so a script using something not modelled here fails.
+* an unknown option is an error, so a script using something not modelled here fails;
+* a descriptor left open by the caller is warned of on standard error ("File
+  descriptor 9 (...) leaked on invocation"), unless ``LVM_SUPPRESS_FD_WARNINGS``.
 
 ``"fail": {"lvconvert": "message"}`` in the state makes that command fail with the
 message (and change nothing).
@@ -303,7 +305,24 @@ class Lvm:
         return out
 
 
+def leaked() -> list[str]:
+    """LVM's warning for each descriptor its caller left open (unless
+    ``LVM_SUPPRESS_FD_WARNINGS``), on standard error before anything else."""
+    if os.environ.get("LVM_SUPPRESS_FD_WARNINGS"):
+        return []
+    found = []
+    for fd in range(3, 256):
+        try:
+            what = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        found.append(f"File descriptor {fd} ({what}) leaked on invocation. Parent PID {os.getppid()}: sh")
+    return found
+
+
 def main(argv: list[str]) -> int:
+    for warning in leaked():
+        print(warning, file=sys.stderr)
     command, args = argv[0], argv[1:]
     path = os.environ["QRM_FAKE_LVM"]
     with open(path + ".lock", "a") as lock:

@@ -149,6 +149,19 @@ def test_lvm_volumes_offer_snapshots_revert_and_clone(clean: FakeLvm) -> None:
     assert SNAP_OPS <= clean.driver.supported_operations(clean.storage)
 
 
+def test_a_volume_that_does_not_fit_is_one_clean_line(clean: FakeLvm) -> None:
+    """LVM's own message (not its warning about the lock's descriptor), nothing made."""
+    fake = clean
+    before = (fake.state(), fake.lab.tgt_show())
+    with pytest.raises(DriverError) as caught:
+        fake.call("create_volume", "huge", 1000)
+    assert caught.value.message == (
+        'cannot create volume huge on st (root@10.231.11.35): Volume group "shm" has insufficient '
+        "free space (48 extents): 250 required."
+    )
+    assert (fake.state(), fake.lab.tgt_show()) == before
+
+
 def test_snapshot_list_revert_remove(clean: FakeLvm, tmp_path: Path) -> None:
     fake = clean
     fake.call("create_volume", "web", 16)

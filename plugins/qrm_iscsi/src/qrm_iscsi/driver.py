@@ -341,6 +341,9 @@ class IscsiStorage(StorageDriver):
         path = self._backing(config, name, "create a volume")
         target = self.target_name(storage, name)
         script = tgt.Script(config.tgt_control_port, self._lock(config))
+        if config.volume_group:
+            # LVM warns of the lock's descriptor on every call; that is no error.
+            script.raw("export LVM_SUPPRESS_FD_WARNINGS=1")
         label = f"qrm-{name}"[:16]
         if config.volume_group:
             vg = config.volume_group
@@ -390,6 +393,9 @@ class IscsiStorage(StorageDriver):
         if live is not None and live.acl:
             raise DriverError(f"volume {location} is still exported to {', '.join(live.acl)}")
         script = tgt.Script(config.tgt_control_port, self._lock(config))
+        if config.volume_group:
+            # LVM warns of the lock's descriptor on every call; that is no error.
+            script.raw("export LVM_SUPPRESS_FD_WARNINGS=1")
         exists = (
             f"test -e {quote(path)}"
             if not config.volume_group
