@@ -231,3 +231,35 @@ def test_plugins_list_names_what_is_missing_in_one_line(qrm_cli, qrm_settings, m
     )
     shown = qrm_cli("plugins", "list")
     assert "libvirt-python missing" in shown.stdout
+
+
+def test_a_live_move_carries_the_migration_settings(libvirt, settings, host, tmp_path, monkeypatch) -> None:
+    """QRM_QEMU_MIGRATION_* reach the migrator; unset, the move is libvirt's plain live one."""
+    other = test_host(tmp_path / "hosts", "hv2", resource_id=2, cpus=4, memory_mb=8192)
+    plain = QemuHypervisor(settings)
+    plain.migrator = mover = DefinitionMover()
+    plain.create_partition(host, PartitionSpec("p1", cpus=1, memory_mb=64))
+    plain.start_partition(host, "p1")
+    plain.migrate_partition(host, "p1", other)
+    (request,) = mover.requests
+    assert (request.max_downtime_ms, request.auto_converge, request.parallel_connections) == (None, False, 0)
+
+    monkeypatch.setenv("QRM_QEMU_MIGRATION_MAX_DOWNTIME", "500")
+    monkeypatch.setenv("QRM_QEMU_MIGRATION_AUTO_CONVERGE", "true")
+    monkeypatch.setenv("QRM_QEMU_MIGRATION_PARALLEL", "4")
+    tuned = QemuHypervisor(settings)
+    tuned.migrator = mover = DefinitionMover()
+    tuned.migrate_partition(other, "p1", host)
+    (request,) = mover.requests
+    assert (request.max_downtime_ms, request.auto_converge, request.parallel_connections) == (500, True, 4)
+    assert [p.name for p in tuned.list_partitions(host)] == ["p1"]
+
+
+@pytest.mark.parametrize("value", ["-1", "10001"])
+def test_an_insane_downtime_is_refused(monkeypatch, value) -> None:
+    from qrm_core.errors import QrmError
+    from qrm_qemu.settings import load
+
+    monkeypatch.setenv("QRM_QEMU_MIGRATION_MAX_DOWNTIME", value)
+    with pytest.raises((QrmError, ValueError)):
+        load()

@@ -136,6 +136,11 @@ class LibvirtHypervisor(HypervisorDriver):
     def moved(self, host: HostTarget, destination: HostTarget, name: str, dest_conn: Any) -> None:
         """Called after a migration (Xen writes the config on the destination, removes it on the source)."""
 
+    def migration_tuning(self) -> dict[str, Any]:
+        """Extra :class:`~qrm_libvirt.migration.MigrationRequest` fields of a live move
+        (QEMU's downtime, auto-converge, multifd); none by default (libxl has none of them)."""
+        return {}
+
     def check_host_setting(self, key: str, value: str) -> None:
         """Check a flavour's own host setting (raise InvalidInput)."""
 
@@ -869,6 +874,7 @@ class LibvirtHypervisor(HypervisorDriver):
                     mode=mode,
                     migrate_uri=migrate_uri,
                     bandwidth_mib=own.migration_bandwidth or None,
+                    **self.migration_tuning(),
                 )
             )
             self._forget(source_uri, name)

@@ -17,6 +17,15 @@ keeps the definition (``PERSIST_DEST``) and the source forgets it
 (``UNDEFINE_SOURCE``). The data stream goes to ``migrate_uri``
 (``tcp://<destination address>``) when given.
 
+Tuning of a live move (QEMU only; the qemu plugin's settings, see
+docs/hypervisors.md): ``max_downtime_ms`` (``migrateSetMaxDowntime`` on the
+source before the move; None: QEMU's own 300 ms), ``auto_converge``
+(``VIR_MIGRATE_AUTO_CONVERGE``: QEMU slows a guest that dirties memory faster
+than it can be sent, so that the move ends) and ``parallel_connections``
+(``VIR_MIGRATE_PARALLEL``: multifd over that many connections). All are off
+by default: measured between two libvirtds on one machine (docs/benchmarks.md)
+each made a 256 MB guest's move slower, not faster.
+
 libvirt's test driver cannot migrate. The drivers take a :class:`Migrator`
 as a seam (``driver.migrator``): tests on the test driver that check what
 qrm does around a migration substitute a migrator that moves the definition
@@ -46,6 +55,9 @@ class MigrationRequest:
     mode: str = "managed"
     migrate_uri: str | None = None
     bandwidth_mib: int | None = None
+    max_downtime_ms: int | None = None
+    auto_converge: bool = False
+    parallel_connections: int = 0
 
 
 class Migrator(Protocol):
@@ -75,6 +87,14 @@ class LibvirtMigrator:
                 params[lv.VIR_MIGRATE_PARAM_URI] = request.migrate_uri
             if request.bandwidth_mib:
                 params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = request.bandwidth_mib
+            if request.auto_converge:
+                flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+            if request.parallel_connections:
+                flags |= lv.VIR_MIGRATE_PARALLEL
+                params[lv.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = request.parallel_connections
+            if request.max_downtime_ms:
+                # Held by the source's QEMU until the move ends (its destination starts afresh).
+                request.domain.migrateSetMaxDowntime(request.max_downtime_ms, 0)
         else:
             flags |= lv.VIR_MIGRATE_OFFLINE
         if request.mode == "p2p":

@@ -65,6 +65,14 @@ class QemuHypervisor(LibvirtHypervisor):
         assert isinstance(own, QemuSettings)
         return own
 
+    def migration_tuning(self) -> dict[str, Any]:
+        own = self.own_settings()
+        return {
+            "max_downtime_ms": own.migration_max_downtime or None,
+            "auto_converge": own.migration_auto_converge,
+            "parallel_connections": own.migration_parallel,
+        }
+
     def check_host_setting(self, key: str, value: str) -> None:
         if key == "domain_type" and value not in (*DOMAIN_TYPES, "auto"):
             raise InvalidInput(f"host setting domain_type={value!r}: use kvm, qemu or auto")

@@ -27,6 +27,18 @@ class QemuSettings(HypervisorSettings):
     nic_model: str = Field("virtio", pattern="^(virtio|e1000|e1000e|rtl8139)$")
     """The NIC QEMU emulates; it network-boots with its iPXE ROM."""
 
+    migration_max_downtime: int = Field(0, ge=0, le=10_000)
+    """Milliseconds a live migration may pause the partition for its last pages
+    (``migrateSetMaxDowntime``); 0: QEMU's own limit (300 ms). A larger value lets
+    a busy guest's move end sooner at the price of a longer pause."""
+
+    migration_auto_converge: bool = False
+    """``VIR_MIGRATE_AUTO_CONVERGE``: QEMU throttles the guest's vCPUs while it
+    dirties memory faster than the move sends it (the move ends; the guest runs slower meanwhile)."""
+
+    migration_parallel: int = Field(0, ge=0, le=32)
+    """Connections of a multifd live migration (``VIR_MIGRATE_PARALLEL``); 0: one stream."""
+
 
 def load() -> QemuSettings:
     """Read the settings when they are needed, with a one-line error naming the variable."""
