@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from qrm_core.cli.output import Output, message, show_one
-from qrm_core.client import Client, LocalClient
+from qrm_core.client import Client
 from qrm_core.config import Settings, get_settings
 
 OutputOpt = Annotated[
@@ -64,6 +64,8 @@ class CliState:
                     self.server, user=self.user, password=self.password, token=self.token
                 )
             else:
+                from qrm_core.local_client import LocalClient  # the services: not needed through a server
+
                 self._client = LocalClient(self.settings)
         return self._client
 

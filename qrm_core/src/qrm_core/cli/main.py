@@ -171,6 +171,32 @@ def build_app(settings: Settings | None = None, *, with_plugins: bool = True) ->
     return app
 
 
+#: Root options that take a value (to find the command word in ``argv``).
+_VALUED_ROOT_OPTIONS = ("--server", "-u", "--user", "-p", "--password", "--token")
+
+
+def _command_word(args: list[str]) -> str | None:
+    """The first word of ``qrm [ROOT OPTIONS] WORD ...``, or None (no command, or a root option alone)."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _VALUED_ROOT_OPTIONS:
+            skip = True
+        elif arg == "--" or not arg.startswith("-"):
+            return None if arg == "--" else arg
+        elif not arg.startswith("--") and len(arg) > 2 and arg[:2] in _VALUED_ROOT_OPTIONS:
+            continue  # -uNAME
+    return None
+
+
+def core_command(args: list[str]) -> bool:
+    """Whether ``args`` run one of core's commands: plugins add only their own (the
+    hook's rule), so a core command needs no plugin loaded."""
+    word = _command_word(args)
+    return word is not None and word in {"init", "events", "server", *(name for name, _ in GROUPS)}
+
+
 def _add_plugin_commands(app: typer.Typer, settings: Settings) -> None:
     from qrm_core.plugins import get_plugin_system
 
@@ -219,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configure_logging(settings)
     try:
-        app = build_app(settings)
+        # Through a server a core command needs no plugin here: none is loaded (with the
+        # ORM and services their modules import), and the command starts in a fraction
+        # of the time. Help, plugin commands and local mode load them as always.
+        app = build_app(settings, with_plugins=not (remote and core_command(args)))
         command = typer.main.get_command(app)
         result: Any = command.main(args=args, prog_name="qrm", standalone_mode=False)
     except typer.Abort:

@@ -9,7 +9,7 @@ import typer
 from qrm_core.cli.common import OutputOpt, client, done, sub_app
 from qrm_core.cli.output import Output, columns, message, show_list, show_one
 from qrm_core.errors import InvalidInput
-from qrm_core.models import MAX_ID
+from qrm_core.shapes import MAX_ID
 
 app = sub_app("API tokens: bearer secrets for --token and the REST API.")
 
