@@ -144,7 +144,9 @@ def test_reset_gives_a_pristine_ve_its_first_start_back(site: tuple[Any, Any]) -
         lines: list[str] = []
         result = images.reset_ve(ctx, "team", progress=lines.append, poll=0.05)
         assert result.desired_state == "running" and result.state == "starting"
-        assert lines[0] == "stopping team" and any("reverting web" in line for line in lines)
+        assert lines[0].startswith("team: its machines reboot") and any(
+            "reverting web" in line for line in lines
+        )
         with pytest.raises(InUse, match="what virtual environment team resets to"):
             images.remove_image_snapshot(ctx, "web", images.PRISTINE_LABEL)
         ves.stop_ve(ctx, "team")

@@ -418,8 +418,9 @@ class RemoteClient:
         )
 
     def ve_reset(self, name: str, progress: Callable[[str], None] | None) -> VirtualEnvironmentPublic:
-        """The server stops, reverts and starts the VE again; meanwhile the VE's state
-        (stopping, stopped while the image is reverted, starting) is shown."""
+        """The server reboots the VE's machines, holds their boot while it reverts the
+        image, and lets them boot on; meanwhile the VE's state and problem (resetting:
+        waiting for its machines to reboot, reverting its image) are shown."""
 
         def reset() -> VirtualEnvironmentPublic:
             return VirtualEnvironmentPublic.model_validate(
@@ -433,7 +434,7 @@ class RemoteClient:
         def state() -> str | None:
             ve = self.ve_show(name)
             said = {"stopped": "stopped; reverting its filesystem image"}.get(ve.state, ve.state)
-            return f"{name}: {said}"
+            return f"{name}: {said}" + (f" ({ve.problem})" if ve.problem and ve.state != "stopped" else "")
 
         return self._showing(reset, state, progress)
 

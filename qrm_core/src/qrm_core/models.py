@@ -299,6 +299,11 @@ class VirtualEnvironment(SQLModel, table=True):
     state: str = Field(default=VEState.STOPPED.value, max_length=16)
     # Why the VE cannot be (fully) placed right now; empty when it can.
     problem: str = Field(default="", max_length=1024)
+    # Where a ``qrm ve reset`` of the running VE is (services.images.reset_ve):
+    # "rebooting" (its machines were told to reboot; each holds its boot in the
+    # initrd once it is down), "reverting" (the image goes back to its first
+    # start); empty otherwise. While set, no machine of the VE mounts its image.
+    reset_phase: str = Field(default="", max_length=16)
     # Bumped on every start/stop request; lets the reconciler tell requests apart.
     generation: int = 0
     comment: str = Field(default="", max_length=255)

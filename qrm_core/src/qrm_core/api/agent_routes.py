@@ -41,6 +41,8 @@ class RegisterRequest(BaseModel):
     boot_generation: int = Field(default=0, ge=0, le=MAX_ID)
     mode: Literal["idle", "ve"] = "idle"
     ve: str | None = Field(default=None, max_length=64)
+    # Where the agent registers from: "initrd" (before a VE's root is mounted) or "ve".
+    stage: Literal["initrd", "ve"] | None = None
 
 
 class RegisterResponse(BaseModel):
@@ -49,6 +51,8 @@ class RegisterResponse(BaseModel):
     heartbeat_interval: float
     state: str
     boot_generation: int
+    # Non-empty: do not mount the VE's root yet (its image is being reverted); ask again.
+    hold: str = ""
 
 
 class HeartbeatRequest(BaseModel):
@@ -176,6 +180,7 @@ def register(request: Request, body: RegisterRequest) -> Response:
                 ve=body.ve,
                 source=request.client.host if request.client else None,
                 proof=request.headers.get(PROOF_HEADER),
+                stage=body.stage,
             )
     except Exception:
         _count(request, "register", "error")

@@ -101,6 +101,8 @@ SYS_BLOCK=${QRM_AGENT_SYS_BLOCK:-/sys/class/block}
 IFACE=
 RESOURCE_ID=
 TOKEN=
+HOLD=
+ANSWER_GEN=
 INTERVAL=10
 STATE=idle
 REASON=
@@ -875,8 +877,11 @@ register() {
 	ve=null
 	[ "$MODE" = ve ] && [ -n "$VE" ] && ve="\"$VE\""
 	HYPERVISORS=$(detect_hypervisors)
-	body=$(printf '{"mac": "%s", "ip": %s, "cpus": %s, "memory_mb": %s, "hostname": %s, "hypervisors": %s, "boot_generation": %s, "mode": "%s", "ve": %s}' \
-		"$MAC" "$ip" "$(count_cpus)" "$(memory_mb)" "$host" "$HYPERVISORS" "$GEN" "$MODE" "$ve")
+	# stage: where this agent is (the initrd, before a VE's root is mounted, or the VE).
+	stage=ve
+	[ "$STAGE" = ve ] || stage=initrd
+	body=$(printf '{"mac": "%s", "ip": %s, "cpus": %s, "memory_mb": %s, "hostname": %s, "hypervisors": %s, "boot_generation": %s, "mode": "%s", "ve": %s, "stage": "%s"}' \
+		"$MAC" "$ip" "$(count_cpus)" "$(memory_mb)" "$host" "$HYPERVISORS" "$GEN" "$MODE" "$ve" "$stage")
 	# The token this machine holds (or held before switch_root): registering
 	# again while alive keeps the identity only with it.
 	proof=$TOKEN
@@ -915,6 +920,10 @@ register() {
 	RESOURCE_ID=$rid
 	TOKEN=$tok
 	set_interval "$interval"
+	# hold: the VE is being reset, its image not reverted yet (wait_for_revert);
+	# printable characters only, it is only logged.
+	HOLD=$(kv "$RUN/answer" string hold | tr -cd ' -~' | cut -c1-200) || HOLD=
+	ANSWER_GEN=$(kv "$RUN/answer" number boot_generation) || ANSWER_GEN=
 	(
 		umask 077
 		echo "$TOKEN" >"$RUN/token"
@@ -1030,6 +1039,37 @@ agent_loop() {
 		heartbeat
 		sleep "$INTERVAL"
 	done
+}
+
+# wait_for_revert: before a VE boot mounts its root, register from the initrd
+# (the server learns that this machine's old OS is down) and wait while the
+# server answers "hold": its VE is being reset and the image reverted
+# (docs/agent-protocol.md). Reboots when the server has ordered another boot
+# meanwhile (the reset failed and the VE stopped). A server that cannot be
+# reached after a few tries, or that answers no hold (an older server), lets
+# the boot go on as before.
+wait_for_revert() {
+	tries=0
+	said=
+	while :; do
+		if ! register; then
+			tries=$((tries + 1))
+			[ $tries -ge 5 ] && return 0
+			sleep 1
+			continue
+		fi
+		tries=0
+		if is_uint "$ANSWER_GEN" && [ "$ANSWER_GEN" != "$GEN" ]; then
+			log "the server ordered boot $ANSWER_GEN meanwhile (this is boot $GEN); rebooting"
+			obey reboot
+		fi
+		[ -z "$HOLD" ] && break
+		[ "$HOLD" != "$said" ] && log "holding the boot: $HOLD"
+		said=$HOLD
+		sleep 1
+	done
+	[ -n "$said" ] && log "the server lets the boot go on"
+	return 0
 }
 
 # A VE on a network root whose storage went away must not claim to run: before
@@ -1570,6 +1610,7 @@ stage_initrd() {
 			MODE=idle
 		fi
 		backoff=5
+		wait_for_revert
 		while [ "$MODE" = ve ]; do
 			if [ -n "$FILL" ]; then
 				fill_image

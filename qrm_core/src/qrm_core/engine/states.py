@@ -18,6 +18,7 @@ from qrm_core.engine.common import S, TickReport, set_problem
 from qrm_core.engine.exports import Exports
 from qrm_core.models import Resource, VEDesiredState, VEState, VirtualEnvironment
 from qrm_core.services import ServiceContext, public
+from qrm_core.services.images import RESET_FAILED
 
 
 class StateDerivation:
@@ -74,8 +75,10 @@ class StateDerivation:
                 )
             if ve.desired_state == VEDesiredState.RUNNING.value and unexported.get(ve.id or 0):
                 set_problem(ctx, ve, unexported[ve.id or 0])
-            elif new == VEState.STOPPED.value and ve.problem:
-                set_problem(ctx, ve, "")  # a stopped VE has no problem left to show
+            elif new == VEState.STOPPED.value and ve.problem and not ve.problem.startswith(RESET_FAILED):
+                set_problem(
+                    ctx, ve, ""
+                )  # a stopped VE has no problem left to show (but why its reset failed)
             if new != ve.state:
                 old = ve.state
                 ve.state = new

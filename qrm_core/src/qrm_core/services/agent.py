@@ -55,6 +55,9 @@ class Registration:
     heartbeat_interval: float
     state: str
     boot_generation: int
+    #: Non-empty: the machine must not mount its VE's root yet (its VE is being
+    #: reset and its image reverted); the agent asks again in a second.
+    hold: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ def _register(
     now: datetime | None = None,
     source: str | None = None,
     proof: str | None = None,
+    stage: str | None = None,
 ) -> Registration:
     mac = v.mac(mac)
     ip = v.ip(ip) if ip else None
@@ -221,6 +225,8 @@ def _register(
     capabilities = sorted({v.name(h, "hypervisor").lower() for h in hypervisors or []})
     if mode not in ("idle", "ve"):
         raise InvalidInput("mode must be idle or ve")
+    if stage not in (None, "initrd", "ve"):
+        raise InvalidInput("stage must be initrd or ve")
     if boot_generation < 0:
         raise InvalidInput("boot_generation must not be negative")
     now = now or utcnow()
@@ -294,12 +300,15 @@ def _register(
             partition.resource_id = row.id
             ctx.session.add(partition)
 
+    hold = ""
     if boot_generation >= row.boot_generation:
         # A higher generation than recorded: booted from an earlier record of
         # this MAC (removed and registered again); continue from there.
         row.boot_generation = boot_generation
         row.booted_generation = boot_generation
         _apply_boot(ctx, row, mode, ve)
+        if mode == "ve":
+            hold = _reset_hold(ctx, row, stage)
     # else: the OS of an earlier boot; its next heartbeat is told to reboot.
     # A new row is inserted here, already in its state after the boot (no
     # separate UPDATE); its events keep their order.
@@ -318,7 +327,34 @@ def _register(
         heartbeat_interval=ctx.settings.heartbeat_interval,
         state=row.state,
         boot_generation=row.boot_generation,
+        hold=hold,
     )
+
+
+def _reset_hold(ctx: ServiceContext, row: Resource, stage: str | None) -> str:
+    """What a machine booting into its VE hears while the VE is being reset
+    (``VirtualEnvironment.reset_phase``, :func:`qrm_core.services.images.reset_ve`):
+    wait, its image is not reverted yet. Registering from the initrd, before the
+    root is mounted (``stage`` "initrd"), is the proof that the machine's old OS is
+    down; an agent that registers only after it mounted the root (a boot image
+    built before the hold existed) has mounted the old image while the reset waits
+    to revert it: it is rebooted (held in its boot script while the image is
+    reverted) and the event says to rebuild its boot image."""
+    ve = ctx.session.get(VirtualEnvironment, row.ve_id) if row.ve_id is not None else None
+    if ve is None or not ve.reset_phase or ve.desired_state != VEDesiredState.RUNNING.value:
+        return ""
+    if stage == "initrd":
+        what = (
+            "reverting its image" if ve.reset_phase == "reverting" else "waiting for its machines to reboot"
+        )
+        return f"virtual environment {ve.name} is resetting: {what}"
+    _order_reboot(
+        ctx,
+        row,
+        f"booted {ve.name} without waiting for its reset (its boot image's agent does not hold; "
+        "rebuild the boot image)",
+    )
+    return ""
 
 
 def _register_first_sight(

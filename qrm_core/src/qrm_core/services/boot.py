@@ -90,6 +90,18 @@ def boot_config(
             ve = None  # its VE is stopping: boot idle, and be released on registration
     image = ctx.session.get(BootImage, ve.boot_image_id) if ve is not None else default_boot_image_row(ctx)
     generation = resource.boot_generation if resource is not None else 0
+    if ve is not None and ve.reset_phase == "reverting":
+        # Its image is being reverted (services.images.reset_ve): nothing mounts it
+        # meanwhile. The machines that were the VE's wait in their initrd; this one
+        # (placed meanwhile, or with a boot image whose agent does not hold) asks again.
+        return BootConfig(
+            mac=mac,
+            mode="none",
+            resource_id=resource.id if resource else None,
+            boot_generation=generation,
+            ve=ve.name,
+            message=f"virtual environment {ve.name} is resetting: reverting its image",
+        )
     if image is None:
         return BootConfig(
             mac=mac,

@@ -27,7 +27,7 @@ from sqlmodel import col, select
 
 from qrm_core import capture
 from qrm_core.drivers.base import StorageDriver, StorageTarget, VolumeInfo
-from qrm_core.errors import AlreadyExists, DriverError, InUse, InvalidInput, NotFound, QrmError
+from qrm_core.errors import AlreadyExists, Conflict, DriverError, InUse, InvalidInput, NotFound, QrmError
 from qrm_core.models import (
     EventLevel,
     FilesystemImage,
@@ -35,6 +35,8 @@ from qrm_core.models import (
     ImageOrigin,
     ImageSnapshotPublic,
     ImageState,
+    Resource,
+    ResourceState,
     StorageServer,
     VEDesiredState,
     VEState,
@@ -793,6 +795,13 @@ def keep_pristine(ctx: ServiceContext, ve_name: str) -> str | None:
     return how or "done"
 
 
+#: ``VirtualEnvironment.reset_phase`` of a running VE being reset.
+RESET_REBOOTING = "rebooting"
+RESET_REVERTING = "reverting"
+#: How a VE's problem starts when its reset failed (kept while it is stopped).
+RESET_FAILED = "reset failed: "
+
+
 def reset_ve(
     ctx: ServiceContext,
     name: str,
@@ -801,9 +810,21 @@ def reset_ve(
     poll: float = 0.5,
     progress: ProgressFn | None = None,
 ) -> VirtualEnvironmentPublic:
-    """Give a pristine VE back what it started with: stop it, revert its image to the
-    snapshot of its first start, start it again on idle resources (a VE that was
-    stopped stays stopped, reverted)."""
+    """Give a pristine VE back what it started with: revert its image to the
+    snapshot of its first start.
+
+    A running VE keeps its machines: each is told to reboot (``reset_phase``
+    "rebooting"), and its agent, booting into the VE again, registers from the
+    initrd before it mounts the root and is held there (the registration's
+    ``hold``) while the VE resets. Once every machine registered so (its old OS is
+    down: nothing writes into the image any more), the image is reverted
+    ("reverting") and the hold lifted: the machines boot straight into the reverted
+    image, one boot, not a stop into idle and a start. A machine that does not come
+    back within ``timeout``, or a revert that fails, ends the reset: the VE is
+    stopped (its machines released), its problem and an event say why, and the
+    command fails with that line. A VE that was stopped stays stopped, reverted.
+    Run again on a VE whose reset was interrupted (a server restart), it goes on
+    where it was."""
     from qrm_core.services import virtual_environments as ves
 
     row = ves.get_ve_row(ctx, name)
@@ -817,6 +838,7 @@ def reset_ve(
     assert storage_row is not None
     driver, where, location, fs_name = driver_for(ctx, storage_row), target(storage_row), fs.location, fs.name
     was_running = row.desired_state == VEDesiredState.RUNNING.value
+    resuming = bool(row.reset_phase)
     others = [u for u in _busy_users(ctx, fs.id) if u != name]
     if others:
         raise InUse(f"cannot reset {name}: its image {fs_name} is also used by {', '.join(others)}")
@@ -824,41 +846,184 @@ def reset_ve(
     if PRISTINE_LABEL not in driver.list_snapshots(where, location):
         raise InvalidInput(f"virtual environment {name} has not started yet: there is nothing to go back to")
     started = time.monotonic()
+    deadline = started + timeout
     if was_running:
+        if not resuming:
+            _order_reset_reboots(ctx, name)
         if progress is not None:
-            progress(f"stopping {name}")
-        ves.stop_ve(ctx, name)
-        deadline = time.monotonic() + timeout
-        while True:
-            state = ves.get_ve_row(ctx, name).state
-            ctx.rollback()  # no transaction stays open while the engine works
-            if state == VEState.STOPPED.value:
-                break
-            if time.monotonic() > deadline:
-                raise DriverError(
-                    f"{name} did not stop within {timeout:g} s (it is {state}); nothing was reverted"
-                )
-            time.sleep(poll)
-        ctx.rollback()
+            progress(f"{name}: its machines reboot; each holds its boot until the image is reverted")
+        _wait_machines_down(ctx, name, deadline, timeout, poll, progress)
+        _set_reset_phase(ctx, name, RESET_REVERTING, "resetting: reverting its image")
+    else:
+        _wait_stopped(ctx, name, deadline, timeout, poll)
     if progress is not None:
         progress(f"reverting {fs_name} to what {name} started with")
-    with job_lock(ctx, fs_name):
-        how = driver.revert_volume(where, location, PRISTINE_LABEL)
+    try:
+        with job_lock(ctx, fs_name):
+            how = driver.revert_volume(where, location, PRISTINE_LABEL)
+    except QrmError as exc:
+        ctx.rollback()
+        if not was_running:
+            raise
+        _reset_failed(
+            ctx,
+            name,
+            f"reverting {fs_name} failed: {exc.message} (the image is as the failed revert left it)",
+        )
+        raise DriverError(f"reset of {name} failed: reverting {fs_name} failed: {exc.message}") from None
+    ctx.rollback()
+    row = ves._locked_ve(ctx, name)
+    boots_on = was_running and row.reset_phase == RESET_REVERTING
+    if row.reset_phase:
+        row.reset_phase = ""
+        if row.problem.startswith("resetting"):
+            row.problem = ""
+        row.updated_at = utcnow()
+        ctx.session.add(row)
     ctx.record(
         "ve",
         name,
-        f"virtual environment {name} reset: {fs_name} reverted to its first start ({how or 'done'})",
+        f"virtual environment {name} reset: {fs_name} reverted to its first start ({how or 'done'})"
+        + ("; its machines boot on into it" if boots_on else ""),
     )
     ctx.commit()
-    if was_running:
-        if progress is not None:
-            progress(f"starting {name} again")
-        result = ves.start_ve(ctx, name)
-    else:
-        result = ves.show_ve(ctx, name)
+    result = ves.show_ve(ctx, name)
     if progress is not None:
-        progress(f"reset of {name} ordered in {time.monotonic() - started:.1f} s")
+        progress(f"reset of {name} done in {time.monotonic() - started:.1f} s ({result.state})")
     return result
+
+
+def _order_reset_reboots(ctx: ServiceContext, name: str) -> None:
+    """In one transaction: every machine of the VE is told to reboot (it stays the VE's;
+    its boot is held until the image is reverted), the VE shows it is resetting."""
+    from qrm_core.services import virtual_environments as ves
+    from qrm_core.services.agent import release
+    from qrm_core.services.resources import transition
+
+    row = ves._locked_ve(ctx, name)
+    members = ctx.session.exec(
+        select(Resource).where(Resource.ve_id == row.id).order_by(col(Resource.id)).with_for_update()
+    ).all()
+    for member in members:
+        label = public.resource_label(member)
+        if member.state in (
+            ResourceState.ASSIGNED.value,
+            ResourceState.BOOTING.value,
+            ResourceState.ACTIVE.value,
+        ):
+            if member.state == ResourceState.ACTIVE.value:
+                transition(
+                    ctx,
+                    member,
+                    ResourceState.BOOTING,
+                    f"{name} is resetting: rebooting into its reverted image",
+                )
+            member.boot_generation += 1
+            ctx.session.add(member)
+            ctx.record("resource", label, f"reboot ordered: {name} is resetting")
+        else:  # silent or paused: no boot to hold; it comes back idle
+            release(ctx, member, f"{name} is resetting", reboot=True)
+    row.reset_phase = RESET_REBOOTING
+    row.state = VEState.STARTING.value
+    row.problem = "resetting: waiting for its machines to reboot"
+    row.updated_at = utcnow()
+    ctx.session.add(row)
+    ctx.record(
+        "ve",
+        name,
+        f"virtual environment {name} reset requested: its machines reboot, held until its image is reverted",
+    )
+    ctx.commit()
+
+
+def _set_reset_phase(ctx: ServiceContext, name: str, phase: str, problem: str) -> None:
+    from qrm_core.services import virtual_environments as ves
+
+    row = ves._locked_ve(ctx, name)
+    row.reset_phase, row.problem, row.updated_at = phase, problem, utcnow()
+    ctx.session.add(row)
+    ctx.commit()
+
+
+def _wait_machines_down(
+    ctx: ServiceContext,
+    name: str,
+    deadline: float,
+    timeout: float,
+    poll: float,
+    progress: ProgressFn | None,
+) -> None:
+    """Until every machine of the VE has registered in the boot it was told to make
+    (from the initrd: its old OS is down, and it holds its boot). No transaction
+    stays open meanwhile; the VE's problem counts the machines down."""
+    from qrm_core.services import virtual_environments as ves
+
+    said = ""
+    while True:
+        row = ves.get_ve_row(ctx, name)
+        if row.desired_state != VEDesiredState.RUNNING.value or row.reset_phase != RESET_REBOOTING:
+            ctx.rollback()
+            raise Conflict(
+                f"reset of {name} interrupted: it was stopped meanwhile; nothing was reverted "
+                f"('qrm ve reset {name}' reverts it once it is stopped)"
+            )
+        members = ctx.session.exec(
+            select(Resource).where(Resource.ve_id == row.id).order_by(col(Resource.id))
+        ).all()
+        waiting = [public.resource_label(m) for m in members if m.booted_generation < m.boot_generation]
+        if not waiting:
+            ctx.rollback()
+            return
+        problem = f"resetting: waiting for its machines to reboot ({len(members) - len(waiting)} of {len(members)} down)"
+        if row.problem != problem:
+            row.problem = problem
+            ctx.session.add(row)
+            ctx.commit()
+        else:
+            ctx.rollback()  # no transaction stays open while the machines reboot
+        if progress is not None and problem != said:
+            progress(f"{name}: {problem}")
+            said = problem
+        if time.monotonic() > deadline:
+            reason = f"{', '.join(waiting)} did not reboot within {timeout:g} s; nothing was reverted"
+            _reset_failed(ctx, name, reason)
+            raise DriverError(f"reset of {name} failed: {reason}")
+        time.sleep(poll)
+
+
+def _wait_stopped(ctx: ServiceContext, name: str, deadline: float, timeout: float, poll: float) -> None:
+    """A VE asked to stop whose machines still run it: wait until they are down."""
+    from qrm_core.services import virtual_environments as ves
+
+    while True:
+        state = ves.get_ve_row(ctx, name).state
+        ctx.rollback()  # no transaction stays open while the engine works
+        if state == VEState.STOPPED.value:
+            return
+        if time.monotonic() > deadline:
+            raise DriverError(
+                f"{name} did not stop within {timeout:g} s (it is {state}); nothing was reverted"
+            )
+        time.sleep(poll)
+
+
+def _reset_failed(ctx: ServiceContext, name: str, reason: str) -> None:
+    """A reset that cannot finish: the VE stops (its machines, held or not, reboot
+    into idle and are released), its problem says why, an event records it."""
+    from qrm_core.services import virtual_environments as ves
+
+    ctx.rollback()
+    ves.stop_ve(ctx, name)  # clears the reset phase
+    row = ves._locked_ve(ctx, name)
+    row.problem = f"{RESET_FAILED}{reason}"[:1024]
+    ctx.session.add(row)
+    ctx.record(
+        "ve",
+        name,
+        f"reset of virtual environment {name} failed: {reason}; it was stopped, its machines released"[:1000],
+        EventLevel.ERROR,
+    )
+    ctx.commit()
 
 
 def wait_reset_active(

@@ -354,6 +354,7 @@ def stop_ve(ctx: ServiceContext, name: str) -> VirtualEnvironmentPublic:
     row.generation += 1
     row.updated_at = utcnow()
     row.problem = ""
+    row.reset_phase = ""  # a reset waiting for its machines stops waiting (services.images.reset_ve)
     members = ctx.session.exec(
         select(Resource).where(Resource.ve_id == row.id).order_by(col(Resource.id)).with_for_update()
     ).all()
