@@ -184,7 +184,7 @@ def test_a_remote_reset_shows_the_ve_while_the_server_works(
     assert done.exit_code == 0, done.stderr
     lines = done.stderr.splitlines()
     assert lines[0] == "resetting team on the server"
-    assert "team: stopped; reverting its filesystem image" in lines, lines
+    assert "team: starting (resetting: reverting its image)" in lines, lines
     assert "virtual environment team reset (starting)" in done.stdout
 
 

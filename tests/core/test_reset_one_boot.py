@@ -309,3 +309,26 @@ def test_a_stop_during_the_reset_interrupts_it_and_reverts_nothing(site: Site, m
     assert not calls
     assert "interrupted: it was stopped meanwhile; nothing was reverted" in str(outcome["error"])
     assert _ve_row(s).reset_phase == ""
+
+
+def test_a_machine_the_engine_gives_up_on_ends_the_reset_at_once(site: Site, monkeypatch: Any) -> None:
+    """The engine puts a machine that does not come back from its reboot in error after the
+    boot timeout (60 s on this site's clock): the reset does not wait out its own timeout."""
+    s = site
+    calls = spy_revert(monkeypatch, s)
+    nodes = [s.nodes[mac] for mac in MACS]
+    with reset_in_thread(s) as outcome:
+        wait_for(lambda: _ve_row(s).reset_phase == "rebooting")
+        old_os_hears_reboot(s, nodes[0])
+        s.clock.advance(30)
+        assert initrd_boot(s, nodes[0]).hold
+        s.clock.advance(61)  # the second machine never registers
+        register(s, nodes[0], "initrd")  # the first is held, and asks again
+        s.reconciler.tick()
+        wait_for(lambda: "result" in outcome or "error" in outcome)
+    assert not calls
+    label = _members(s)[MACS[1]].hostname or MACS[1]
+    assert str(outcome["error"]) == (
+        f"reset of team failed: {label} did not come back from the reboot (boot timeout 60 s); "
+        "nothing was reverted"
+    )

@@ -214,8 +214,9 @@ def reset(
     timeout: TimeoutOpt = 600.0,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Give a pristine VE back what it started with: stop it, revert its filesystem image
-    to the snapshot of its first start, start it again on idle resources."""
+    """Give a pristine VE back what it started with: its machines reboot and wait while its
+    filesystem image is reverted to the snapshot of its first start, then boot on into it
+    (one boot; a stopped VE stays stopped, reverted)."""
     source = client(ctx)
 
     def progress(line: str) -> None:

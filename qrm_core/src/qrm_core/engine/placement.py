@@ -103,8 +103,8 @@ class Placement:
                 continue  # the partition and state steps own these problems
             if not problem and ve.problem.startswith(EXPORT_PROBLEM):
                 continue  # the exports step owns it
-            if not problem and ve.reset_phase:
-                continue  # its reset owns it (services.images.reset_ve)
+            if ve.reset_phase:
+                continue  # its reset owns it while it runs (services.images.reset_ve)
             if ve.problem != problem:
                 ve.problem = problem[:1024]
                 ctx.session.add(ve)

@@ -974,6 +974,18 @@ def _wait_machines_down(
         if not waiting:
             ctx.rollback()
             return
+        lost = [
+            public.resource_label(m)
+            for m in members
+            if m.booted_generation < m.boot_generation and m.state == ResourceState.ERROR.value
+        ]
+        if lost:  # the engine gave up on it (the boot timeout); a failover VE gets another
+            reason = (
+                f"{', '.join(lost)} did not come back from the reboot "
+                f"(boot timeout {ctx.settings.boot_timeout:g} s); nothing was reverted"
+            )
+            _reset_failed(ctx, name, reason)
+            raise DriverError(f"reset of {name} failed: {reason}")
         problem = f"resetting: waiting for its machines to reboot ({len(members) - len(waiting)} of {len(members)} down)"
         if row.problem != problem:
             row.problem = problem
