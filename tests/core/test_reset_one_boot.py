@@ -332,3 +332,23 @@ def test_a_machine_the_engine_gives_up_on_ends_the_reset_at_once(site: Site, mon
         f"reset of team failed: {label} did not come back from the reboot (boot timeout 60 s); "
         "nothing was reverted"
     )
+
+
+def test_two_resets_at_once_revert_once(site: Site, monkeypatch: Any) -> None:
+    """A second ``qrm ve reset`` of a VE being reset goes on with it (as after a server
+    restart) but never reverts a second time under machines already booting on."""
+    s = site
+    calls = spy_revert(monkeypatch, s)
+    nodes = [s.nodes[mac] for mac in MACS]
+    with reset_in_thread(s) as first:
+        wait_for(lambda: _ve_row(s).reset_phase == "rebooting")
+        with reset_in_thread(s) as second:
+            for node in nodes:
+                old_os_hears_reboot(s, node)
+                assert initrd_boot(s, node).hold
+            wait_for(lambda: len(first) + len(second) == 2)
+    assert len(calls) == 1
+    outcomes = sorted((first | {"who": 1}, second | {"who": 2}), key=lambda o: "error" in o)
+    assert "result" in outcomes[0]
+    assert "another request of the same reset reverts its image" in str(outcomes[1]["error"])
+    assert _ve_row(s).reset_phase == ""

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from sqlmodel import col, select
 
 from qrm_core import capture
@@ -853,7 +854,7 @@ def reset_ve(
         if progress is not None:
             progress(f"{name}: its machines reboot; each holds its boot until the image is reverted")
         _wait_machines_down(ctx, name, deadline, timeout, poll, progress)
-        _set_reset_phase(ctx, name, RESET_REVERTING, "resetting: reverting its image")
+        _start_reverting(ctx, name)
     else:
         _wait_stopped(ctx, name, deadline, timeout, poll)
     if progress is not None:
@@ -936,13 +937,18 @@ def _order_reset_reboots(ctx: ServiceContext, name: str) -> None:
     ctx.commit()
 
 
-def _set_reset_phase(ctx: ServiceContext, name: str, phase: str, problem: str) -> None:
-    from qrm_core.services import virtual_environments as ves
-
-    row = ves._locked_ve(ctx, name)
-    row.reset_phase, row.problem, row.updated_at = phase, problem, utcnow()
-    ctx.session.add(row)
+def _start_reverting(ctx: ServiceContext, name: str) -> None:
+    """ "rebooting" -> "reverting", as one conditional UPDATE: of two resets of one VE
+    at once (a second ``qrm ve reset`` goes on with an interrupted one), one reverts."""
+    table = VirtualEnvironment.__table__  # type: ignore[attr-defined]
+    done = ctx.session.connection().execute(
+        sa.update(table)
+        .where(table.c.name == name, table.c.reset_phase == RESET_REBOOTING)
+        .values(reset_phase=RESET_REVERTING, problem="resetting: reverting its image", updated_at=utcnow())
+    )
     ctx.commit()
+    if done.rowcount != 1:
+        raise Conflict(f"reset of {name}: another request of the same reset reverts its image")
 
 
 def _wait_machines_down(
@@ -961,12 +967,15 @@ def _wait_machines_down(
     said = ""
     while True:
         row = ves.get_ve_row(ctx, name)
-        if row.desired_state != VEDesiredState.RUNNING.value or row.reset_phase != RESET_REBOOTING:
+        if row.desired_state != VEDesiredState.RUNNING.value:
             ctx.rollback()
             raise Conflict(
                 f"reset of {name} interrupted: it was stopped meanwhile; nothing was reverted "
                 f"('qrm ve reset {name}' reverts it once it is stopped)"
             )
+        if row.reset_phase != RESET_REBOOTING:
+            ctx.rollback()
+            raise Conflict(f"reset of {name}: another request of the same reset reverts its image")
         members = ctx.session.exec(
             select(Resource).where(Resource.ve_id == row.id).order_by(col(Resource.id))
         ).all()
