@@ -35,6 +35,8 @@ class Node:
     generation: int = 0
     mode: str = "idle"
     ve: str | None = None
+    #: Registered from the initrd and told to hold its boot (its VE is being reset).
+    held: bool = False
 
     def boot(self, settings, plugins, clock: Clock) -> None:
         """Power on / reboot: ask what to boot (like PXE), then register."""
@@ -46,6 +48,20 @@ class Node:
         if self.ip is None:
             last = [int(x, 16) for x in self.mac.split(":")[-2:]]
             self.ip = f"198.18.{last[0]}.{last[1]}"
+        if self.mode == "ve":
+            # As the boot image's agent: register from the initrd before mounting the
+            # root, and hold while the server says so (services.images.reset_ve).
+            reg = self._register(settings, plugins, clock, "initrd", None)
+            self.held = bool(reg.hold)
+            if self.held:
+                return
+            self._register(settings, plugins, clock, "ve", self.token)
+            return
+        self._register(settings, plugins, clock, None, None)
+
+    def _register(
+        self, settings, plugins, clock: Clock, stage: str | None, proof: str | None
+    ) -> agent.Registration:
         with service_context(settings, actor="agent", plugins=plugins) as ctx:
             reg = agent.register(
                 ctx,
@@ -58,12 +74,26 @@ class Node:
                 mode=self.mode,
                 ve=self.ve,
                 now=clock(),
+                proof=proof,
+                stage=stage,
             )
         self.resource_id, self.token = reg.resource_id, reg.token
+        return reg
 
     def beat(self, settings, plugins, clock: Clock) -> str:
         if not self.alive:
             return "dead"
+        if self.held:  # asks again from the initrd
+            reg = self._register(settings, plugins, clock, "initrd", self.token)
+            if reg.boot_generation != self.generation:
+                self.held = False
+                self.boot(settings, plugins, clock)
+                return "reboot"
+            if reg.hold:
+                return "held"
+            self.held = False
+            self._register(settings, plugins, clock, "ve", self.token)
+            return "booted"
         if self.token is None:
             try:
                 self.boot(settings, plugins, clock)

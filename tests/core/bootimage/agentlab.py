@@ -77,6 +77,7 @@ REGISTER_FIELDS: dict[str, tuple[type, ...]] = {
     "boot_generation": (int,),
     "mode": (str,),
     "ve": (str, type(None)),
+    "stage": (str,),
 }
 REGISTER_REQUIRED = {"mac", "cpus", "memory_mb"}
 HEARTBEAT_FIELDS: dict[str, tuple[type, ...]] = {
@@ -246,6 +247,8 @@ class AgentPeer:
         problem = self._check(body, REGISTER_FIELDS, REGISTER_REQUIRED)
         if problem is None and body.get("mode", "idle") not in ("idle", "ve"):
             problem = "mode must be idle or ve"
+        if problem is None and body.get("stage", "initrd") not in ("initrd", "ve"):
+            problem = "stage must be initrd or ve"
         if problem:
             return 422, {"detail": problem}
         with self.cond:
