@@ -143,6 +143,21 @@ class SimulatedNode:
             "mode": self.mode,
             "ve": self.ve,
         }
+        if self.mode == "ve":
+            # As the boot image's agent: register from the initrd before mounting the
+            # root, and wait while the server holds the boot (its VE is being reset).
+            body["stage"] = "initrd"
+            while True:
+                answer = await sim.call(
+                    "POST", "/agent/v1/register", json=body, token=sim.enrollment_token, proof=self.token
+                )
+                self.token = answer["token"]
+                if int(answer.get("boot_generation", self.generation)) != self.generation:
+                    raise AgentRebootOrdered("another boot was ordered while this one was held")
+                if not answer.get("hold"):
+                    break
+                await sim.sleep(1.0)
+            body["stage"] = "ve"
         # The token of the boot before, if any: a registration after an error (not a
         # reboot) is this agent's own, as the real agent sends it (docs/agent-protocol.md).
         answer = await sim.call(
@@ -184,6 +199,10 @@ class SimulatedNode:
                 self.stopped = True
                 return
             await sim.sleep(self.interval)
+
+
+class AgentRebootOrdered(RuntimeError):
+    """A held boot whose server ordered another one meanwhile: the machine boots again."""
 
 
 class AgentCallError(RuntimeError):
