@@ -103,6 +103,7 @@ RESOURCE_ID=
 TOKEN=
 HOLD=
 ANSWER_GEN=
+HELD_SAID=
 INTERVAL=10
 STATE=idle
 REASON=
@@ -928,7 +929,13 @@ register() {
 		umask 077
 		echo "$TOKEN" >"$RUN/token"
 	)
-	log "registered as resource $RESOURCE_ID (mac $MAC, mode $MODE, heartbeat every $INTERVAL s)"
+	if [ "$MODE" = ve ] && [ "$STAGE" != ve ]; then
+		# wait_for_revert's registration: one line per boot, not one per second of a hold.
+		[ -n "$HELD_SAID" ] || log "registered from the initrd as resource $RESOURCE_ID (mac $MAC), before mounting the root"
+		HELD_SAID=1
+	else
+		log "registered as resource $RESOURCE_ID (mac $MAC, mode $MODE, heartbeat every $INTERVAL s)"
+	fi
 	return 0
 }
 
